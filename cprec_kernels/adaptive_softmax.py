@@ -1,0 +1,344 @@
+"""Tail-cluster adaptive softmax (Grave et al. 2017; CpRec's output layer): the public
+ops (loss, full log-probs, top-k) and their registration.
+
+The head scores the c1 most frequent items plus one token per tail cluster; tail i
+scores its items with the low-rank product (h @ Q_i^T) @ F_i^T:
+
+    log p(v) = log_softmax(head)[v]                                    v < c1
+    log p(v) = log_softmax(head)[c1 + i] + log_softmax(tail_i)[v - c_{i+1}]   v in tail i
+
+Weight layouts are those of ``torch.nn.AdaptiveLogSoftmaxWithLoss``: head_weight =
+``head.weight`` [c1 + n_tails, d], head_bias = ``head.bias`` or None,
+tail_projections[i] = ``tail[i][0].weight`` [d_i, d], tail_weights[i] =
+``tail[i][1].weight`` [c_{i+2} - c_{i+1}, d_i]; cutoffs = [c1, ..., V].
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _dispatch, backends
+from ._validation import INDEX_DTYPES, check_cutoffs, check_ids_in_range, check_tensor
+from .reference import acc_dtype
+
+Tensor = torch.Tensor
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _grads_out(grads, hidden):
+    gh, ghw, ghb, gtp, gtw = grads
+    return gh, ghw, _dispatch.or_absent(ghb, hidden), list(gtp), list(gtw)
+
+
+def _fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights):
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(head_weight),
+        _dispatch.fake_like(head_bias, hidden),
+        [torch.empty_like(p) for p in tail_projections],
+        [torch.empty_like(w) for w in tail_weights],
+    )
+
+
+def _unpack_params(ctx):
+    hidden, head_weight, head_bias, *rest = ctx.saved_tensors
+    n = ctx.n_tails
+    return hidden, head_weight, head_bias, rest[:n], rest[n : 2 * n], rest[2 * n :]
+
+
+def _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_weights, *extra):
+    ctx.save_for_backward(hidden, head_weight, head_bias, *tail_projections, *tail_weights, *extra)
+    ctx.n_tails = len(tail_weights)
+
+
+def _param_grads(grads, head_bias):
+    gh, ghw, ghb, gtp, gtw = grads
+    return gh, ghw, _dispatch.present(ghb, head_bias), gtp, gtw
+
+
+# --------------------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("cprec::adaptive_softmax_loss", mutates_args=())
+def _loss_op(
+    hidden: Tensor,
+    target: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: List[Tensor],
+    tail_weights: List[Tensor],
+    cutoffs: List[int],
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> Tensor:
+    check_ids_in_range("target", target, cutoffs[-1], ignore=ignore_index)
+    return _dispatch.call(
+        backend, "adaptive_softmax_loss_forward",
+        hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
+    )
+
+
+@_loss_op.register_fake
+def _(hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend):
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    return hidden.new_empty(shape, dtype=acc_dtype(hidden.dtype))
+
+
+@torch.library.custom_op("cprec::adaptive_softmax_loss_backward", mutates_args=())
+def _loss_backward_op(
+    grad: Tensor,
+    hidden: Tensor,
+    target: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: List[Tensor],
+    tail_weights: List[Tensor],
+    cutoffs: List[int],
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
+    grads = _dispatch.call(
+        backend, "adaptive_softmax_loss_backward",
+        grad, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
+    )
+    return _grads_out(grads, hidden)
+
+
+@_loss_backward_op.register_fake
+def _(grad, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend):
+    return _fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights)
+
+
+def _loss_setup(ctx, inputs, output):
+    hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend = inputs
+    _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_weights, target)
+    ctx.cutoffs, ctx.ignore_index, ctx.reduction, ctx.backend = cutoffs, ignore_index, reduction, backend
+
+
+def _loss_backward(ctx, grad):
+    hidden, head_weight, head_bias, tail_projections, tail_weights, (target,) = _unpack_params(ctx)
+    grads = _loss_backward_op(
+        grad.contiguous(), hidden, target, head_weight, head_bias, tail_projections, tail_weights,
+        ctx.cutoffs, ctx.ignore_index, ctx.reduction, ctx.backend,
+    )
+    gh, ghw, ghb, gtp, gtw = _param_grads(grads, head_bias)
+    return gh, None, ghw, ghb, gtp, gtw, None, None, None, None
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+# --------------------------------------------------------------------------------------
+# full log-probabilities
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("cprec::adaptive_log_prob", mutates_args=())
+def _log_prob_op(
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: List[Tensor],
+    tail_weights: List[Tensor],
+    cutoffs: List[int],
+    backend: str,
+) -> Tensor:
+    return _dispatch.call(
+        backend, "adaptive_log_prob_forward", hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs
+    )
+
+
+@_log_prob_op.register_fake
+def _(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, backend):
+    return hidden.new_empty(hidden.shape[0], cutoffs[-1], dtype=acc_dtype(hidden.dtype))
+
+
+@torch.library.custom_op("cprec::adaptive_log_prob_backward", mutates_args=())
+def _log_prob_backward_op(
+    grad: Tensor,
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: List[Tensor],
+    tail_weights: List[Tensor],
+    cutoffs: List[int],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
+    grads = _dispatch.call(
+        backend, "adaptive_log_prob_backward",
+        grad, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs,
+    )
+    return _grads_out(grads, hidden)
+
+
+@_log_prob_backward_op.register_fake
+def _(grad, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, backend):
+    return _fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights)
+
+
+def _params_setup(ctx, inputs, output):
+    hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, *_, backend = inputs
+    extra = (output[1],) if isinstance(output, tuple) else ()
+    _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_weights, *extra)
+    ctx.cutoffs, ctx.backend = cutoffs, backend
+
+
+def _log_prob_grads(ctx, grad_lp):
+    hidden, head_weight, head_bias, tail_projections, tail_weights, _ = _unpack_params(ctx)
+    grads = _log_prob_backward_op(
+        grad_lp.contiguous(), hidden, head_weight, head_bias, tail_projections, tail_weights, ctx.cutoffs, ctx.backend
+    )
+    return _param_grads(grads, head_bias)
+
+
+def _log_prob_backward(ctx, grad):
+    return *_log_prob_grads(ctx, grad), None, None
+
+
+_log_prob_op.register_autograd(_log_prob_backward, setup_context=_params_setup)
+
+
+# --------------------------------------------------------------------------------------
+# top-k
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("cprec::adaptive_topk", mutates_args=())
+def _topk_op(
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: List[Tensor],
+    tail_weights: List[Tensor],
+    cutoffs: List[int],
+    k: int,
+    exclude: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if exclude is not None:
+        check_ids_in_range("exclude", exclude, cutoffs[-1], allow_negative=True)
+    return _dispatch.call(
+        backend, "adaptive_topk_forward", hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude
+    )
+
+
+@_topk_op.register_fake
+def _(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude, backend):
+    values = hidden.new_empty(hidden.shape[0], k, dtype=acc_dtype(hidden.dtype))
+    return values, hidden.new_empty(hidden.shape[0], k, dtype=torch.int64)
+
+
+def _topk_backward(ctx, grad_values, _grad_ids):
+    # The selected log-probs are entries of the full matrix: scatter their grads
+    # into it and reuse the log-prob backward.
+    ids = ctx.saved_tensors[-1]
+    grad_lp = grad_values.new_zeros(grad_values.shape[0], ctx.cutoffs[-1]).scatter(1, ids, grad_values)
+    return *_log_prob_grads(ctx, grad_lp), None, None, None, None
+
+
+_topk_op.register_autograd(_topk_backward, setup_context=_params_setup)
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+def check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs) -> list:
+    """Validate the adaptive softmax layout; -> cutoffs as a list of ints."""
+    check_tensor("hidden", hidden, shape=(None, None))
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden is an empty batch (0 rows)")
+    cutoffs = check_cutoffs(cutoffs)
+    n_tails, d = len(cutoffs) - 1, hidden.shape[1]
+    like = dict(dtype=hidden.dtype, device=hidden.device)
+    check_tensor("head_weight", head_weight, shape=(cutoffs[0] + n_tails, d), **like)
+    if head_bias is not None:
+        check_tensor("head_bias", head_bias, shape=(cutoffs[0] + n_tails,), **like)
+    if len(tail_projections) != n_tails or len(tail_weights) != n_tails:
+        raise ValueError(
+            f"cutoffs {cutoffs} define {n_tails} tail clusters, got {len(tail_projections)} "
+            f"tail_projections and {len(tail_weights)} tail_weights"
+        )
+    for i, (proj, weight) in enumerate(zip(tail_projections, tail_weights)):
+        check_tensor(f"tail_projections[{i}]", proj, shape=(None, d), **like)
+        size = cutoffs[i + 1] - cutoffs[i]
+        check_tensor(f"tail_weights[{i}]", weight, shape=(size, proj.shape[0]), **like)
+    return cutoffs
+
+
+def _contiguous(tensors: Sequence[Tensor]) -> List[Tensor]:
+    return [t.contiguous() for t in tensors]
+
+
+def adaptive_softmax_loss(
+    hidden: Tensor,
+    target: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: Sequence[Tensor],
+    tail_weights: Sequence[Tensor],
+    cutoffs: Sequence[int],
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under the adaptive softmax.
+
+    hidden: [N, d], target: [N] ids in [0, V) or ``ignore_index`` -> scalar
+    ("mean" over rows not ignored, 0 when every row is ignored; "sum") or [N]
+    ("none", 0 on ignored rows), in float32 (float64 for float64 inputs).
+    """
+    cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
+    check_tensor("target", target, shape=(hidden.shape[0],), dtypes=INDEX_DTYPES, device=hidden.device)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    name = backends.resolve(backend, "adaptive_softmax_loss_forward", hidden.device)
+    return _loss_op(
+        hidden.contiguous(), target.contiguous(), head_weight.contiguous(), head_bias,
+        _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, int(ignore_index), reduction, name,
+    )
+
+
+def adaptive_log_prob(
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: Sequence[Tensor],
+    tail_weights: Sequence[Tensor],
+    cutoffs: Sequence[int],
+    backend: Optional[str] = None,
+) -> Tensor:
+    """log p(v | hidden) for every item.  hidden: [N, d] -> [N, V] (float32, or float64)."""
+    cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
+    name = backends.resolve(backend, "adaptive_log_prob_forward", hidden.device)
+    return _log_prob_op(
+        hidden.contiguous(), head_weight.contiguous(), head_bias,
+        _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, name,
+    )
+
+
+def adaptive_topk(
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: Sequence[Tensor],
+    tail_weights: Sequence[Tensor],
+    cutoffs: Sequence[int],
+    k: int,
+    exclude: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The k most likely items of each row, best first.
+
+    hidden: [N, d], exclude: [N, m] ids never returned for that row (negative entries
+    are padding) -> (log_probs [N, k] float32/float64, ids [N, k] int64).
+    """
+    cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cutoffs[-1]:
+        raise ValueError(f"k must be an int in [1, V = {cutoffs[-1]}], got {k!r}")
+    if exclude is not None:
+        check_tensor("exclude", exclude, shape=(hidden.shape[0], None), dtypes=INDEX_DTYPES, device=hidden.device)
+        exclude = exclude.contiguous()
+    name = backends.resolve(backend, "adaptive_topk_forward", hidden.device)
+    return _topk_op(
+        hidden.contiguous(), head_weight.contiguous(), head_bias,
+        _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, k, exclude, name,
+    )

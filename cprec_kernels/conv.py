@@ -1,0 +1,201 @@
+"""Causal dilated 1D convolution on channels-last activations, plain and fused with
+LayerNorm + ReLU (+ residual): the public ops and their registration.
+
+    causal_conv1d(x, W, b, dilation)[b, t] = sum_k W[:, :, k] @ x[b, t - (K-1-k)*dilation] + b
+    causal_conv1d_ln_relu(...) = relu(layer_norm(causal_conv1d(x, W, b, dilation))) (+ residual)
+
+x: [B, T, C_in], W: [C_out, C_in, K] (``nn.Conv1d`` layout), output [B, T, C_out].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, backends
+from ._validation import check_tensor
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------
+# causal_conv1d
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("cprec::causal_conv1d", mutates_args=())
+def _causal_conv1d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, backend: str) -> Tensor:
+    return _dispatch.call(backend, "causal_conv1d_forward", x, weight, bias, dilation)
+
+
+@_causal_conv1d_op.register_fake
+def _(x, weight, bias, dilation, backend):
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
+
+
+@torch.library.custom_op("cprec::causal_conv1d_backward", mutates_args=())
+def _causal_conv1d_backward_op(
+    grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    gx, gw, gb = _dispatch.call(backend, "causal_conv1d_backward", grad, x, weight, bias, dilation)
+    return gx, gw, _dispatch.or_absent(gb, x)
+
+
+@_causal_conv1d_backward_op.register_fake
+def _(grad, x, weight, bias, dilation, backend):
+    return torch.empty_like(x), torch.empty_like(weight), _dispatch.fake_like(bias, x)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, dilation, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.dilation, ctx.backend = dilation, backend
+
+
+def _conv_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb = _causal_conv1d_backward_op(grad.contiguous(), x, weight, bias, ctx.dilation, ctx.backend)
+    return gx, gw, _dispatch.present(gb, bias), None, None
+
+
+_causal_conv1d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _check_conv_args(x, weight, bias, dilation) -> None:
+    check_tensor("x", x, shape=(None, None, None))
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x is an empty batch (shape {list(x.shape)}); B and T must be >= 1")
+    check_tensor("weight", weight, shape=(None, x.shape[2], None), dtype=x.dtype, device=x.device)
+    if weight.shape[2] < 1:
+        raise ValueError(f"weight must have kernel size K >= 1, got shape {list(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(weight.shape[0],), dtype=x.dtype, device=x.device)
+    if not isinstance(dilation, int) or isinstance(dilation, bool) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+
+
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation: int = 1, backend: Optional[str] = None
+) -> Tensor:
+    """Causal dilated convolution, no padded copy of ``x`` in the fused backends.
+
+    x: [B, T, C_in], weight: [C_out, C_in, K], bias: [C_out] -> [B, T, C_out];
+    output t sees inputs t, t - dilation, ..., t - (K-1)*dilation (zeros before 0).
+    backend: "auto" | "torch" | "triton" | "cpu" | "cuda" (default: $CPREC_BACKEND or auto).
+    """
+    _check_conv_args(x, weight, bias, dilation)
+    name = backends.resolve(backend, "causal_conv1d_forward", x.device)
+    return _causal_conv1d_op(x.contiguous(), weight.contiguous(), bias, dilation, name)
+
+
+# --------------------------------------------------------------------------------------
+# causal_conv1d_ln_relu
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("cprec::causal_conv1d_ln_relu", mutates_args=())
+def _conv_ln_relu_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    dilation: int,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _dispatch.call(
+        backend, "causal_conv1d_ln_relu_forward", x, weight, bias, ln_weight, ln_bias, residual, dilation, eps
+    )
+
+
+@_conv_ln_relu_op.register_fake
+def _(x, weight, bias, ln_weight, ln_bias, residual, dilation, eps, backend):
+    from .reference import acc_dtype
+
+    stats = x.new_empty(x.shape[0], x.shape[1], dtype=acc_dtype(x.dtype))
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0]), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("cprec::causal_conv1d_ln_relu_backward", mutates_args=())
+def _conv_ln_relu_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    dilation: int,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _dispatch.call(
+        backend, "causal_conv1d_ln_relu_backward", grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps
+    )
+    return tuple(_dispatch.or_absent(g, x) for g in grads)
+
+
+@_conv_ln_relu_backward_op.register_fake
+def _(grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps, backend):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        _dispatch.fake_like(bias, x),
+        _dispatch.fake_like(ln_weight, x),
+        _dispatch.fake_like(ln_bias, x),
+    )
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, ln_weight, ln_bias, residual, dilation, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.dilation, ctx.eps, ctx.backend = dilation, eps, backend
+
+
+def _ln_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx, gw, gb, glw, glb = _conv_ln_relu_backward_op(
+        grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, ctx.dilation, ctx.eps, ctx.backend
+    )
+    g_res = grad if ctx.has_residual else None
+    p = _dispatch.present
+    return gx, gw, p(gb, bias), p(glw, ln_weight), p(glb, ln_bias), g_res, None, None, None
+
+
+_conv_ln_relu_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def causal_conv1d_ln_relu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    dilation: int = 1,
+    eps: float = 1e-8,
+    residual: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """relu(layer_norm(causal_conv1d(x, weight, bias, dilation))) + residual, fused.
+
+    x: [B, T, C_in], weight: [C_out, C_in, K], bias, ln_weight, ln_bias: [C_out] or
+    None, residual: [B, T, C_out] or None (added after the ReLU) -> [B, T, C_out].
+    LayerNorm runs over C_out with ``eps``; this is NextItNet's conv layer.
+    """
+    _check_conv_args(x, weight, bias, dilation)
+    c_out = weight.shape[0]
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None:
+            check_tensor(name, t, shape=(c_out,), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=(x.shape[0], x.shape[1], c_out), dtype=x.dtype, device=x.device)
+        residual = residual.contiguous()
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    name = backends.resolve(backend, "causal_conv1d_ln_relu_forward", x.device)
+    out, _, _ = _conv_ln_relu_op(
+        x.contiguous(), weight.contiguous(), bias, ln_weight, ln_bias, residual, dilation, float(eps), name
+    )
+    return out

@@ -1,0 +1,46 @@
+"""Build and install cprec-kernels (the ``cprec_kernels`` library and the ``cprec`` app).
+
+C++/CUDA extensions are collected by ``_extensions()``; they need torch at build time,
+so install with ``pip install --no-build-isolation`` (a build-isolated install would
+download a CUDA build of torch). ``CPREC_NO_EXT=1`` skips every extension.
+"""
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    """-> (ext_modules, cmdclass). Empty until csrc/ holds sources."""
+    csrc = os.path.join(ROOT, "csrc")
+    if os.environ.get("CPREC_NO_EXT") == "1" or not os.path.isdir(csrc):
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension  # noqa: F401  (needs torch at build time)
+
+    return [], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="cprec-kernels",
+    version="0.1.0",
+    description="Fused kernels and the CpRec model for compressed sequential recommenders",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["cprec_kernels", "cprec_kernels.triton", "cprec", "cprec.datasets"],
+    package_dir={"cprec": "python/cprec", "cprec.datasets": "python/cprec/datasets"},
+    package_data={"cprec.datasets": ["ml-latest-small/*"]},
+    # torch is pinned by the user's install command (the CPU build: torch==2.13.0);
+    # a bare "torch" here would let pip pull a multi-GB CUDA build.
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "triton": ["triton>=3.2"],
+    },
+    entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
