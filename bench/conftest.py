@@ -1,0 +1,38 @@
+"""Shared set-up of the pytest-benchmark suites.
+
+``pytest bench/`` runs the small sizes only (what CI runs, in seconds);
+``CPREC_BENCH_FULL=1 pytest bench/`` runs the full grid of each suite. On CUDA the
+Triton interpreter is never used; on CPU it is switched off too (benchmarks time
+real code paths only), so Triton rows are skipped on CPU.
+"""
+import os
+
+import pytest
+import torch
+
+FULL = os.environ.get("CPREC_BENCH_FULL") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sizes(small, full):
+    """The parameter grid of a suite: ``full`` under CPREC_BENCH_FULL=1, else ``small``."""
+    return full if FULL else small
+
+
+def zipf_ids(n: int, vocab: int, exponent: float = 1.1, device=DEVICE, generator=None) -> torch.Tensor:
+    """n ids in [0, vocab) drawn from a Zipf law (id 0 most frequent), as item
+    popularity in recommendation data is."""
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    probs = ranks.pow(-exponent)
+    ids = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
+    return ids.to(device)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def device():
+    return DEVICE
