@@ -1,0 +1,55 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+A checkpoint holds tensors, numbers, strings, lists and dicts only, so loading never
+runs code; a file that carries anything else is refused.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, or not loadable safely."""
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new
+    one, never a torn one: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; raise CheckpointError if it is
+    missing, damaged, or carries objects that would run code when unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: it holds objects that are not plain tensors/containers and could run code "
+            f"when loaded ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
+        raise CheckpointError(f"{path}: not a cprec checkpoint (no model/config entries)")
+    return obj

@@ -1,0 +1,225 @@
+"""The ``cprec`` command: train, evaluate and size NextItNet / CpRec models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .data import FORMATS, SPLITS, DataError, load_dataset
+from .checkpoint import CheckpointError
+from .models import MODELS, block_dilations_list, parameter_table
+from .sharing import SCHEMES
+from .train import DEFAULT_SHARING, TrainConfig, evaluate_checkpoint, model_config, train
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _dilations(text: str) -> List[int]:
+    try:
+        return block_dilations_list(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", help="interaction log or session file (default: the shipped "
+                   "MovieLens ml-latest-small). Formats: MovieLens ratings.csv / ratings.dat / u.data, "
+                   "RecBole .inter, CSV/TSV user,item,timestamp, session .txt; any of them .gz")
+    g.add_argument("--format", default="auto", choices=FORMATS, help="file format (default: from the file name)")
+    g.add_argument("--split", default="leave-one-out", choices=SPLITS,
+                   help="leave-one-out: last item test, second last validation; holdout: NextItNet's "
+                   "seeded 20%% of sequences for test, 10%% for validation (default: %(default)s)")
+    g.add_argument("--max-len", type=int, default=50, help="history length the model sees; longer "
+                   "histories are cut into windows (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batch order (default: %(default)s)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="cprec", choices=MODELS, help="cprec (compressed), nextitnet "
+                   "(full embedding and softmax) or pop (most popular items) (default: %(default)s)")
+    g.add_argument("--dim", type=int, default=64, help="model width d (default: %(default)s)")
+    g.add_argument("--dilations", type=_dilations, default=[1, 4, 1, 4], metavar="D,D,...",
+                   help="dilation of each residual block; its two convs use d and 2d (default: 1,4,1,4)")
+    g.add_argument("--kernel-size", type=int, default=3, help="conv kernel width (default: %(default)s)")
+    g.add_argument("--sharing", choices=sorted(SCHEMES), default=None,
+                   help=f"layer-wise sharing of the conv layers (default: {DEFAULT_SHARING['cprec']} for "
+                   "cprec, none for nextitnet)")
+    g.add_argument("--cutoffs", type=_int_list, default=None, metavar="C1,C2,...",
+                   help="item-id cutoffs of the frequency blocks (V is appended); default: by --coverage")
+    g.add_argument("--coverage", type=_float_list, default=[0.5, 0.8, 0.95], metavar="F,F,...",
+                   help="when --cutoffs is not given, block j ends where the most frequent items cover "
+                   "this fraction of training interactions (default: 0.5,0.8,0.95)")
+    g.add_argument("--div-value", type=float, default=4.0, help="block j has width d / div**j (default: %(default)s)")
+    g.add_argument("--head-projection", action="store_true", help="give the head block of the input "
+                   "embedding a projection too")
+    g.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"],
+                   help="kernel backend of the ops (default: $CPREC_BACKEND or auto)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cprec",
+        description="Train and evaluate NextItNet and CpRec (compressed NextItNet) sequential recommenders.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model and print its test metrics",
+                       description="Train a model (default: CpRec on the shipped ml-latest-small), early-stop on "
+                       "validation NDCG@10, and report full-ranking test metrics of the best epoch next to "
+                       "the popularity baseline.")
+    _add_data_args(t)
+    _add_model_args(t)
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=20, help="most epochs to train (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32, help="training windows per batch (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better "
+                   "validation NDCG@10 (default: %(default)s)")
+    g.add_argument("--limit-batches", type=int, default=None, help="at most this many batches per epoch (quick runs)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="examples per evaluation batch (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    g.add_argument("--output", metavar="DIR", help="write metrics.json, train_log.jsonl and checkpoint.pt here")
+    g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --output)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _add_output_args(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on its data's validation and test split",
+                       description="Rebuild the data split and the best model stored in a checkpoint and print "
+                       "its validation and test metrics.")
+    e.add_argument("checkpoint", help="checkpoint.pt written by 'cprec train --output DIR'")
+    e.add_argument("--data", metavar="PATH", help="read the data from here instead of the path stored in the checkpoint")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    e.add_argument("--eval-batch-size", type=int, default=256, help="examples per batch (default: %(default)s)")
+    _add_output_args(e)
+
+    p = sub.add_parser("params", help="parameter counts by part and the compression ratio against NextItNet",
+                       description="Count the parameters of a CpRec config by part (input embedding, middle "
+                       "convs, output softmax) next to the NextItNet with the same d, dilations and items.")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--num-items", type=int, default=None, help="vocabulary size V instead of reading --data "
+                   "(then --cutoffs is required)")
+    _add_output_args(p)
+    return parser
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(
+        model=args.model, data=args.data, format=args.format, split=args.split, max_len=args.max_len,
+        seed=args.seed, d=args.dim, block_dilations=args.dilations, kernel_size=args.kernel_size,
+        sharing=args.sharing, cutoffs=args.cutoffs, coverage=args.coverage, div_value=args.div_value,
+        head_projection=args.head_projection, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, patience=args.patience, eval_batch_size=args.eval_batch_size,
+        limit_batches=args.limit_batches, device=args.device, backend=args.backend, output=args.output,
+        resume=args.resume, progress=not args.quiet,
+    )
+
+
+def _metrics_table(title_rows) -> str:
+    names = [n for n in title_rows[0][1]]
+    lines = ["          " + "".join(f"{n:>10}" for n in names)]
+    for title, metrics in title_rows:
+        lines.append(f"{title:<10}" + "".join(f"{metrics[n]:>10.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> dict:
+    result = train(_train_config(args))
+    if not args.json:
+        p = result["params"]
+        print(f"{result['model']} on {result['dataset']} ({result['split']}): {p['total']:,} parameters "
+              f"(input {p['input']:,}, middle {p['middle']:,}, output {p['output']:,}); "
+              f"best epoch {result['best_epoch']} of {result['epochs_run']}, {result['train_seconds']} s")
+        print(_metrics_table([("test", result["test"]), ("pop", result["baseline_test"])]))
+    return result
+
+
+def cmd_evaluate(args) -> dict:
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.eval_batch_size)
+    if not args.json:
+        print(f"{result['model']} on {result['dataset']}: {result['params']['total']:,} parameters")
+        print(_metrics_table([("valid", result["valid"]), ("test", result["test"])]))
+    return result
+
+
+class _Vocabulary:
+    """Stand-in for a dataset when only V is known (``params --num-items``)."""
+
+    def __init__(self, num_items: int) -> None:
+        self.num_items = num_items
+        self.counts = None
+
+
+def cmd_params(args) -> dict:
+    cfg = _train_config_for_params(args)
+    if args.num_items is not None:
+        if args.cutoffs is None:
+            raise ValueError("--num-items needs --cutoffs (coverage needs item frequencies from --data)")
+        data = _Vocabulary(args.num_items)
+    else:
+        data = load_dataset(args.data, args.format, args.split, args.max_len, args.seed)
+    mcfg = model_config(cfg, data)
+    table = parameter_table(mcfg)
+    ratio = table["nextitnet"]["total"] / table["cprec"]["total"]
+    result = {"model_config": mcfg, "params": table, "compression_ratio": ratio}
+    if not args.json:
+        print(f"V = {mcfg['num_items']:,}, d = {mcfg['d']}, cutoffs = {mcfg['cutoffs']}, div = {mcfg['div_value']}, "
+              f"sharing = {mcfg['sharing']}, blocks = {len(mcfg['block_dilations'])}")
+        print(f"{'part':<8}{'NextItNet':>12}{'CpRec':>12}{'ratio':>8}")
+        for part in ("input", "middle", "output", "total"):
+            n, c = table["nextitnet"][part], table["cprec"][part]
+            print(f"{part:<8}{n:>12,}{c:>12,}{n / c:>7.2f}x")
+    return result
+
+
+def _train_config_for_params(args) -> TrainConfig:
+    args.model = "cprec"
+    for name, value in (("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
+                        ("limit_batches", None), ("eval_batch_size", 1), ("device", "cpu"), ("output", None),
+                        ("resume", False), ("quiet", True)):
+        setattr(args, name, value)
+    return _train_config(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "params": cmd_params}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        result = COMMANDS[args.command](args)
+    except (DataError, CheckpointError, ValueError, TypeError, RuntimeError) as err:
+        print(f"cprec {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Interaction data: readers, frequency re-indexing, splits and windows.
+
+Items are re-indexed by descending training frequency (id 0 is the most frequent),
+which is what CpRec's block-wise decomposition needs: block cutoffs are then plain
+id ranges. Padding is the id ``V`` (one past the last item), kept apart from them.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+FORMATS = ("auto", "csv", "tsv", "movielens-dat", "udata", "recbole", "sessions")
+SPLITS = ("leave-one-out", "holdout")
+SESSION_PADDING = ("-1", "0")
+
+_USER_COLUMNS = ("userid", "user_id", "user", "uid", "session_id")
+_ITEM_COLUMNS = ("movieid", "itemid", "item_id", "item", "iid")
+_TIME_COLUMNS = ("timestamp", "time", "ts", "datetime")
+
+
+class DataError(ValueError):
+    """A data file that is missing, empty or malformed (the message names file and line)."""
+
+
+# --------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------
+def _open_text(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    raw = path.open("rb")
+    stream = gzip.open(raw) if path.suffix == ".gz" else raw
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
+
+
+def detect_format(path: Path) -> str:
+    """The reader for ``path`` from its name (MovieLens and RecBole conventions)."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith(".inter"):
+        return "recbole"
+    if name.endswith(".dat"):
+        return "movielens-dat"
+    if name == "u.data":
+        return "udata"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".txt"):
+        return "sessions"
+    raise DataError(f"{path}: cannot tell the format from the name; pass one of {FORMATS[1:]}")
+
+
+def _column(header: List[str], names: Sequence[str], what: str, path: Path) -> int:
+    keys = [h.split(":")[0].strip().lower() for h in header]
+    for n in names:
+        if n in keys:
+            return keys.index(n)
+    raise DataError(f"{path}:1: no {what} column in header {header} (looked for {list(names)})")
+
+
+def _rows(path: Path, fmt: str) -> Iterable[Tuple[int, List[str]]]:
+    """(line number, fields) of each non-empty line."""
+    with _open_text(path) as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if fmt == "movielens-dat":
+                    yield lineno, line.split("::")
+                elif fmt in ("udata", "recbole", "tsv"):
+                    yield lineno, line.split("\t")
+                elif fmt == "csv":
+                    yield lineno, next(csv.reader([line]))
+                else:
+                    yield lineno, line.split(",")
+        except (UnicodeDecodeError, OSError, EOFError) as err:
+            raise DataError(f"{path}: unreadable ({err})") from err
+
+
+def _is_header(fields: List[str]) -> bool:
+    return any(f.split(":")[0].strip().lower() in _USER_COLUMNS + _ITEM_COLUMNS for f in fields)
+
+
+def read_interactions(path, fmt: str = "auto") -> List[Tuple[str, str, float]]:
+    """(user, item, timestamp) rows of an interaction log, in file order.
+
+    Formats: MovieLens ``ratings.csv`` (header userId,movieId,rating,timestamp),
+    ``ratings.dat`` (``::``), ``u.data`` (tab), RecBole ``.inter`` (tab, typed header),
+    and plain CSV/TSV ``user,item[,rating],timestamp`` with or without a header.
+    Any of them may be gzipped (``.gz``).
+    """
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in FORMATS or fmt == "sessions":
+        raise DataError(f"{path}: format {fmt!r} is not an interaction log format")
+    rows: List[Tuple[str, str, float]] = []
+    cols: Optional[Tuple[int, int, int]] = None
+    width = None
+    for lineno, fields in _rows(path, fmt):
+        if cols is None:
+            if _is_header(fields):
+                cols = (
+                    _column(fields, _USER_COLUMNS, "user", path),
+                    _column(fields, _ITEM_COLUMNS, "item", path),
+                    _column(fields, _TIME_COLUMNS, "timestamp", path),
+                )
+                width = len(fields)
+                continue
+            if fmt == "recbole":
+                raise DataError(f"{path}:{lineno}: a RecBole .inter file starts with a typed header")
+            if len(fields) < 3:
+                raise DataError(f"{path}:{lineno}: expected user, item[, rating], timestamp; got {fields}")
+            cols, width = (0, 1, len(fields) - 1), len(fields)
+        if len(fields) != width:
+            raise DataError(f"{path}:{lineno}: expected {width} fields, got {len(fields)}: {fields}")
+        user, item, ts = fields[cols[0]].strip(), fields[cols[1]].strip(), fields[cols[2]].strip()
+        if not user or not item:
+            raise DataError(f"{path}:{lineno}: empty user or item field")
+        try:
+            rows.append((user, item, float(ts)))
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: timestamp {ts!r} is not a number") from None
+    if not rows:
+        raise DataError(f"{path}: no interactions (the file is empty or has only a header)")
+    return rows
+
+
+def sequences_from_interactions(rows: List[Tuple[str, str, float]]) -> List[List[str]]:
+    """Each user's items ordered by time (file order breaks ties); users by first appearance."""
+    by_user: Dict[str, List[Tuple[float, int, str]]] = {}
+    for order, (user, item, ts) in enumerate(rows):
+        by_user.setdefault(user, []).append((ts, order, item))
+    return [[item for _, _, item in sorted(events)] for events in by_user.values()]
+
+
+def read_sessions(path, padding: Sequence[str] = SESSION_PADDING) -> List[List[str]]:
+    """One sequence per line, comma-separated item ids, ``padding`` tokens dropped."""
+    path = Path(path)
+    sequences = []
+    for lineno, fields in _rows(path, "sessions"):
+        items = [f.strip() for f in fields]
+        if any(not f for f in items):
+            raise DataError(f"{path}:{lineno}: empty item id in {fields}")
+        items = [f for f in items if f not in padding]
+        if items:
+            sequences.append(items)
+    if not sequences:
+        raise DataError(f"{path}: no sequences (the file is empty or all padding)")
+    return sequences
+
+
+def read_sequences(path, fmt: str = "auto") -> List[List[str]]:
+    """Raw item sequences (tokens as in the file) from any supported format."""
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r}; one of {FORMATS}")
+    if fmt == "sessions":
+        return read_sessions(path)
+    return sequences_from_interactions(read_interactions(path, fmt))
+
+
+# --------------------------------------------------------------------------------------
+# re-indexing, splits, windows
+# --------------------------------------------------------------------------------------
+@dataclass
+class Examples:
+    """Model inputs: ``inputs [n, T]`` item ids left-padded with V, ``targets [n, T]``
+    (next item at each position, V where there is none)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class SequenceData:
+    """A dataset ready for training: re-indexed sequences and their splits."""
+
+    name: str
+    num_items: int
+    item_tokens: List[str]  # raw token of each item id
+    counts: np.ndarray  # training frequency of each item id, descending
+    train: Examples
+    valid: Examples
+    test: Examples
+    split: str
+    max_len: int
+    stats: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pad(self) -> int:
+        return self.num_items
+
+
+def frequency_index(train_sequences: List[List[str]], other: Iterable[List[str]] = ()) -> List[str]:
+    """Tokens ordered by descending training frequency (first appearance breaks ties);
+    items seen only outside training come last."""
+    counts = Counter(t for s in train_sequences for t in s)
+    first: Dict[str, int] = {}
+    for s in (*train_sequences, *other):
+        for t in s:
+            first.setdefault(t, len(first))
+    return sorted(first, key=lambda t: (-counts.get(t, 0), first[t]))
+
+
+def _windows(seq: np.ndarray, max_len: int, pad: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Cut a sequence into windows of max_len predictions, newest first, each target
+    predicted once; short windows are left-padded."""
+    out = []
+    end = len(seq)
+    while end >= 2:
+        w = seq[max(0, end - max_len - 1) : end]
+        x = np.full(max_len, pad, dtype=np.int64)
+        y = np.full(max_len, pad, dtype=np.int64)
+        x[max_len - len(w) + 1 :] = w[:-1]
+        y[max_len - len(w) + 1 :] = w[1:]
+        out.append((x, y))
+        end -= max_len
+    return out
+
+
+def _history(seq: np.ndarray, max_len: int, pad: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Input for predicting the item after ``seq``: its last max_len items, left-padded."""
+    x = np.full(max_len, pad, dtype=np.int64)
+    tail = seq[-max_len:]
+    x[max_len - len(tail) :] = tail
+    return x
+
+
+def _stack(pairs, max_len: int) -> Examples:
+    if not pairs:
+        return Examples(np.zeros((0, max_len), np.int64), np.zeros((0, max_len), np.int64))
+    return Examples(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+
+
+def _eval_example(history: np.ndarray, target: int, max_len: int, pad: int):
+    """Evaluation example: only the last position has a target."""
+    y = np.full(max_len, pad, dtype=np.int64)
+    y[-1] = target
+    return _history(history, max_len, pad), y
+
+
+def build_dataset(
+    sequences: List[List[str]],
+    name: str = "data",
+    split: str = "leave-one-out",
+    max_len: int = 50,
+    seed: int = 0,
+    holdout_fraction: float = 0.2,
+    valid_fraction: float = 0.1,
+) -> SequenceData:
+    """Re-index, split and window raw sequences.
+
+    leave-one-out: per user, the last item is the test target, the second last the
+    validation target, the rest trains (users with fewer than 3 items only train).
+    holdout (NextItNet's protocol): a seeded ``holdout_fraction`` of whole sequences
+    is the test set and ``valid_fraction`` the validation set; each is scored on
+    its last item; the remaining sequences train.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    sequences = [s for s in sequences if len(s) >= 2]
+    if not sequences:
+        raise DataError(f"{name}: no sequence has 2 or more items")
+    if split == "leave-one-out":
+        train_parts = [s[:-2] if len(s) >= 3 else s for s in sequences]
+        held = [(s[:-2], s[-2], s[:-1], s[-1]) for s in sequences if len(s) >= 3]
+    else:
+        order = np.random.default_rng(seed).permutation(len(sequences))
+        n_test = int(round(holdout_fraction * len(sequences)))
+        n_valid = int(round(valid_fraction * len(sequences)))
+        test_ids, valid_ids = order[:n_test], order[n_test : n_test + n_valid]
+        train_parts = [sequences[i] for i in order[n_test + n_valid :]]
+        held = None
+    tokens = frequency_index(train_parts, sequences)
+    index = {t: i for i, t in enumerate(tokens)}
+    V = len(tokens)
+
+    def ids(s: List[str]) -> np.ndarray:
+        return np.fromiter((index[t] for t in s), dtype=np.int64, count=len(s))
+
+    counts = np.bincount(np.concatenate([ids(s) for s in train_parts if s]), minlength=V)
+    train = _stack([w for s in train_parts for w in _windows(ids(s), max_len, V)], max_len)
+    if split == "leave-one-out":
+        valid = _stack([_eval_example(ids(h), index[t], max_len, V) for h, t, _, _ in held], max_len)
+        test = _stack([_eval_example(ids(h), index[t], max_len, V) for _, _, h, t in held], max_len)
+    else:
+        def last_item(which):
+            return _stack([_eval_example(ids(sequences[i][:-1]), index[sequences[i][-1]], max_len, V) for i in which], max_len)
+
+        valid, test = last_item(valid_ids), last_item(test_ids)
+    if len(train) == 0 or len(test) == 0 or len(valid) == 0:
+        raise DataError(
+            f"{name}: split {split!r} left an empty part (train {len(train)}, valid {len(valid)}, "
+            f"test {len(test)} examples); use more data"
+        )
+    stats = {
+        "sequences": len(sequences),
+        "interactions": int(sum(len(s) for s in sequences)),
+        "items": V,
+        "train_examples": len(train),
+        "valid_examples": len(valid),
+        "test_examples": len(test),
+    }
+    return SequenceData(name, V, tokens, counts, train, valid, test, split, max_len, stats)
+
+
+def load_dataset(
+    path=None, fmt: str = "auto", split: str = "leave-one-out", max_len: int = 50, seed: int = 0
+) -> SequenceData:
+    """Read, re-index and split a data file (default: the shipped ml-latest-small)."""
+    from .datasets import DEFAULT_DATASET
+
+    path = Path(path) if path is not None else DEFAULT_DATASET
+    name = path.name.split(".")[0] if path != DEFAULT_DATASET else "ml-latest-small"
+    return build_dataset(read_sequences(path, fmt), name=name, split=split, max_len=max_len, seed=seed)
+
+
+def cutoffs_by_coverage(counts: np.ndarray, coverage: Sequence[float] = (0.5, 0.8, 0.95)) -> List[int]:
+    """Block cutoffs [c1, ..., V] so the head holds the items that make up ``coverage[0]``
+    of training interactions, the next block up to ``coverage[1]``, and so on.
+
+    counts must be in descending order (item ids by frequency); cutoffs that would
+    collide are dropped, so fewer blocks may come back on tiny vocabularies.
+    """
+    V = len(counts)
+    total = counts.sum()
+    cum = np.cumsum(counts) / max(total, 1)
+    cuts = []
+    for c in coverage:
+        cut = int(np.searchsorted(cum, c) + 1)
+        if (not cuts or cut > cuts[-1]) and cut < V:
+            cuts.append(cut)
+    return cuts + [V]

@@ -1,0 +1,286 @@
+"""Training and evaluation of the recommenders.
+
+Loss at every position (padding masked), Adam(W), early stopping on validation
+NDCG@10, full-ranking test metrics from the best epoch, a JSONL log and an atomic
+checkpoint after every epoch that ``resume`` continues from.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
+from .metrics import MetricAccumulator
+from .models import PopularityModel, Recommender, build_model
+
+SELECT_METRIC = "NDCG@10"
+DEFAULT_SHARING = {"cprec": "cross-block", "nextitnet": "none", "pop": "none"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in checkpoints as a plain dict."""
+
+    model: str = "cprec"
+    data: Optional[str] = None  # None: the shipped ml-latest-small
+    format: str = "auto"
+    split: str = "leave-one-out"
+    max_len: int = 50
+    seed: int = 0
+    d: int = 64
+    block_dilations: List[int] = field(default_factory=lambda: [1, 4, 1, 4])
+    kernel_size: int = 3
+    sharing: Optional[str] = None  # None: cross-block for CpRec, none for NextItNet
+    cutoffs: Optional[List[int]] = None  # None: from coverage
+    coverage: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
+    div_value: float = 4.0
+    head_projection: bool = False
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    eval_batch_size: int = 256
+    limit_batches: Optional[int] = None  # cap on batches per epoch (smoke runs)
+    device: str = "auto"
+    backend: Optional[str] = None
+    output: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_cutoffs(cutoffs: Optional[List[int]], data: SequenceData, coverage: List[float]) -> List[int]:
+    """Cutoffs ending at V: given ones (V appended when missing) or by coverage."""
+    V = data.num_items
+    if cutoffs is None:
+        return cutoffs_by_coverage(data.counts, coverage)
+    cuts = [int(c) for c in cutoffs]
+    if cuts and cuts[-1] != V:
+        cuts.append(V)
+    if any(c <= 0 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"cutoffs must be strictly increasing positive ints below V = {V}, got {cutoffs}")
+    return cuts
+
+
+def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
+    """The plain dict ``build_model`` takes, with the data-dependent parts resolved."""
+    return {
+        "model": cfg.model,
+        "num_items": data.num_items,
+        "d": cfg.d,
+        "block_dilations": list(cfg.block_dilations),
+        "kernel_size": cfg.kernel_size,
+        "sharing": cfg.sharing or DEFAULT_SHARING.get(cfg.model, "none"),
+        "cutoffs": resolve_cutoffs(cfg.cutoffs, data, cfg.coverage) if cfg.model == "cprec" else None,
+        "div_value": cfg.div_value,
+        "head_projection": cfg.head_projection,
+        "backend": cfg.backend,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, device=None) -> Dict[str, float]:
+    """Full-ranking metrics of the last position's target over all V items."""
+    device = device or next(iter(model.buffers()), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator()
+    for start in range(0, len(examples), batch_size):
+        inputs = torch.from_numpy(examples.inputs[start : start + batch_size]).to(device)
+        targets = torch.from_numpy(examples.targets[start : start + batch_size, -1]).to(device)
+        acc.add(model.scores(inputs).float(), targets)
+    model.train(was_training)
+    return acc.result()
+
+
+def _log_line(path: Optional[Path], record: dict) -> None:
+    if path is not None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _checkpoint(cfg, mcfg, model, optimizer, state, data) -> dict:
+    return {
+        "format": 1,
+        "config": cfg.to_dict(),
+        "model_config": mcfg,
+        "model": model.state_dict(),
+        "best_model": state["best_model"],
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "counts": torch.as_tensor(data.counts),
+        "progress": {k: v for k, v in state.items() if k != "best_model"},
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(path: Path, cfg, mcfg, model, optimizer, state, say) -> None:
+    ckpt = load_checkpoint(path)
+    if ckpt["model_config"] != mcfg:
+        raise CheckpointError(
+            f"{path}: was written for model config {ckpt['model_config']}, not {mcfg}; "
+            "resume with the same flags or use another --output"
+        )
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    state.update(ckpt["progress"])
+    state["best_model"] = ckpt["best_model"]
+    torch.set_rng_state(ckpt["torch_rng"])
+    say(f"resumed from {path} at epoch {state['epoch']}")
+
+
+def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[str], None] = None) -> dict:
+    """Train (or, for ``pop``, just fit) ``cfg.model`` and return its metrics.
+
+    -> {"model", "dataset", "params", "model_config", "valid", "test",
+        "baseline_test", "epochs_run", "best_epoch", "train_seconds", "history"}
+    """
+    say = say or (lambda msg: print(msg, file=sys.stderr))
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed)
+    mcfg = model_config(cfg, data)
+    model = build_model(mcfg, data.counts).to(device)
+    out_dir = Path(cfg.output) if cfg.output else None
+    log_path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = out_dir / "train_log.jsonl"
+    baseline = evaluate(PopularityModel(data.num_items, data.counts).to(device), data.test, cfg.eval_batch_size, device)
+
+    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
+    optimizer = None
+    started = time.perf_counter()
+    if model.trainable:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
+        if cfg.resume:
+            if ckpt_path is None:
+                raise ValueError("--resume needs --output (the directory holding checkpoint.pt)")
+            if ckpt_path.is_file():
+                _restore(ckpt_path, cfg, mcfg, model, optimizer, state, say)
+            else:
+                say(f"no checkpoint at {ckpt_path} yet: starting from scratch")
+        _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say)
+        if state["best_model"] is not None:
+            model.load_state_dict(state["best_model"])
+    else:
+        state["best_model"] = copy.deepcopy(model.state_dict())
+    valid = evaluate(model, data.valid, cfg.eval_batch_size, device)
+    test = evaluate(model, data.test, cfg.eval_batch_size, device)
+    result = {
+        "model": cfg.model,
+        "dataset": data.name,
+        "split": data.split,
+        "data_stats": data.stats,
+        "model_config": mcfg,
+        "params": model.num_parameters(),
+        "valid": valid,
+        "test": test,
+        "baseline_test": baseline,
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"] + 1,
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "history": state["history"],
+    }
+    if out_dir is not None:
+        save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), out_dir / "checkpoint.pt")
+        _write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say) -> None:
+    n = len(data.train)
+    inputs_all = torch.from_numpy(data.train.inputs)
+    targets_all = torch.from_numpy(data.train.targets)
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"]
+        t0 = time.perf_counter()
+        # Seeded per epoch, so a resumed run sees the same batches as an unbroken one.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        batches = order.split(cfg.batch_size)[: cfg.limit_batches]
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, file=sys.stderr)
+        for step, idx in enumerate(bar):
+            loss = model.loss(inputs_all[idx].to(device), targets_all[idx].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        valid = evaluate(model, data.valid, cfg.eval_batch_size, device)
+        score = valid[SELECT_METRIC]
+        improved = score > state["best_score"]
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            state["best_model"] = copy.deepcopy(model.state_dict())
+        else:
+            state["bad_epochs"] += 1
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(count, 1),
+            "valid": valid,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "improved": improved,
+        }
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        _log_line(log_path, record)
+        if cfg.progress:
+            say(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  valid {SELECT_METRIC} {score:.4f}  ({record['seconds']} s)")
+        if ckpt_path is not None:
+            save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), ckpt_path)
+
+
+def evaluate_checkpoint(path, data_path=None, device: str = "auto", batch_size: int = 256) -> dict:
+    """Rebuild the data and best model of a checkpoint and evaluate valid and test."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**{**ckpt["config"], "resume": False, "output": None})
+    if data_path is not None:
+        cfg.data = str(data_path)
+    data = load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed)
+    mcfg = ckpt["model_config"]
+    if mcfg["num_items"] != data.num_items:
+        raise ValueError(f"the data has {data.num_items} items but the checkpoint's model has {mcfg['num_items']}")
+    dev = resolve_device(device)
+    model = build_model(mcfg, data.counts).to(dev)
+    model.load_state_dict(ckpt["best_model"] if ckpt["best_model"] is not None else ckpt["model"])
+    return {
+        "model": mcfg["model"],
+        "dataset": data.name,
+        "params": model.num_parameters(),
+        "valid": evaluate(model, data.valid, batch_size, dev),
+        "test": evaluate(model, data.test, batch_size, dev),
+    }
