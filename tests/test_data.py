@@ -1,0 +1,142 @@
+"""Readers, re-indexing, windows and splits; bad files name the file and line."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from cprec.data import (
+    DataError,
+    build_dataset,
+    cutoffs_by_coverage,
+    load_dataset,
+    read_interactions,
+    read_sequences,
+    read_sessions,
+)
+
+
+def _write(path, text, gz=False):
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_movielens_csv_and_time_order(tmp_path):
+    p = _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,30\n1,11,3.0,10\n2,10,5.0,5\n1,12,1.0,20\n")
+    assert read_interactions(p) == [("1", "10", 30.0), ("1", "11", 10.0), ("2", "10", 5.0), ("1", "12", 20.0)]
+    assert read_sequences(p) == [["11", "12", "10"], ["10"]]
+
+
+def test_dat_udata_recbole_and_gzip(tmp_path):
+    dat = _write(tmp_path / "ratings.dat", "1::5::3::100\n1::6::4::50\n")
+    assert read_sequences(dat) == [["6", "5"]]
+    udata = _write(tmp_path / "u.data", "7\t8\t3\t2\n7\t9\t3\t1\n")
+    assert read_sequences(udata) == [["9", "8"]]
+    inter = _write(
+        tmp_path / "x.inter.gz",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\tA Movie (1999)\t5\t2\nu1\tB\t3\t1\n",
+        gz=True,
+    )
+    assert read_sequences(inter) == [["B", "A Movie (1999)"]]
+    plain = _write(tmp_path / "log.tsv", "u\ti\t3\nu\tj\t1\n")
+    assert read_sequences(plain) == [["j", "i"]]
+
+
+def test_sessions_drop_padding(tmp_path):
+    p = _write(tmp_path / "seq.txt", "-1,-1,5,6,7\n0,3,4\n-1,-1\n")
+    assert read_sessions(p) == [["5", "6", "7"], ["3", "4"]]
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3\n", r"ratings.csv:3: expected 4 fields"),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,soon\n", r"ratings.csv:2: timestamp 'soon'"),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n", "no interactions"),
+        ("ratings.csv", "", "no interactions"),
+        ("x.inter", "1\t2\t3\t4\n", r"x.inter:1: a RecBole .inter file starts with a typed header"),
+        ("x.inter", "user_id:token\trating:float\ttimestamp:float\n", r"x.inter:1: no item column"),
+        ("seq.txt", "1,2\n3,,4\n", r"seq.txt:2: empty item id"),
+        ("seq.txt", "\n\n", "no sequences"),
+        ("ratings.dat", "1::2\n", r"ratings.dat:1: expected user, item"),
+        ("data.bin", "x", "cannot tell the format"),
+    ],
+)
+def test_malformed_files_name_file_and_line(tmp_path, name, text, message):
+    p = _write(tmp_path / name, text)
+    with pytest.raises(DataError, match=message):
+        read_sequences(p)
+
+
+def test_missing_and_undecodable_files(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        read_sequences(tmp_path / "nope.csv")
+    bad = tmp_path / "bad.csv.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="unreadable"):
+        read_sequences(bad)
+    assert issubclass(DataError, ValueError)
+
+
+def test_frequency_reindex_windows_and_leave_one_out():
+    seqs = [list("abcab"), list("cbaddd"), list("xy")]
+    data = build_dataset(seqs, split="leave-one-out", max_len=3)
+    # training parts: "abc", "cbad", "xy" (short sequences train whole)
+    # a, b, c appear twice in training, d, x, y once; first appearance breaks ties
+    assert data.item_tokens == ["a", "b", "c", "d", "x", "y"]
+    assert list(data.counts) == sorted(data.counts, reverse=True)
+    V = data.num_items
+    assert V == 6 and data.pad == 6
+    idx = {t: i for i, t in enumerate(data.item_tokens)}
+    # the test example of user 0 predicts its last item from the 3 before it
+    np.testing.assert_array_equal(data.test.inputs[0], [idx["b"], idx["c"], idx["a"]])
+    np.testing.assert_array_equal(data.test.targets[0], [V, V, idx["b"]])
+    np.testing.assert_array_equal(data.valid.inputs[0], [idx["a"], idx["b"], idx["c"]])
+    assert data.valid.targets[0][-1] == idx["a"]
+    np.testing.assert_array_equal(data.valid.inputs[1], [idx["b"], idx["a"], idx["d"]])
+    # windows: every training target exactly once, padding where there is none
+    n_targets = sum(len(s[:-2] if len(s) >= 3 else s) - 1 for s in seqs)
+    assert int((data.train.targets != V).sum()) == n_targets
+    assert ((data.train.inputs == V) <= (data.train.targets == V)).all()
+
+
+def test_long_sequence_windows_cover_each_target_once():
+    seq = [str(i) for i in range(23)]
+    data = build_dataset([seq], split="leave-one-out", max_len=5)
+    targets = data.train.targets[data.train.targets != data.pad]
+    assert sorted(data.item_tokens[t] for t in targets) == sorted(seq[1:21])
+
+
+def test_holdout_split_is_seeded():
+    seqs = [[f"i{(u * 7 + k) % 13}" for k in range(6)] for u in range(50)]
+    a = build_dataset(seqs, split="holdout", max_len=4, seed=1)
+    b = build_dataset(seqs, split="holdout", max_len=4, seed=1)
+    c = build_dataset(seqs, split="holdout", max_len=4, seed=2)
+    assert len(a.test) == 10 and len(a.valid) == 5
+    np.testing.assert_array_equal(a.test.inputs, b.test.inputs)
+    assert not np.array_equal(a.test.inputs, c.test.inputs)
+
+
+def test_cutoffs_by_coverage():
+    counts = np.array([50, 30, 10, 5, 3, 1, 1])
+    assert cutoffs_by_coverage(counts, (0.5, 0.8, 0.95)) == [1, 2, 4, 7]
+    assert cutoffs_by_coverage(np.array([5, 5]), (0.5, 0.8, 0.95))[-1] == 2
+
+
+def test_shipped_dataset_loads():
+    data = load_dataset()
+    assert data.name == "ml-latest-small" and data.num_items == 9724
+    assert data.stats["sequences"] == 610 and data.stats["interactions"] == 100836
+
+
+def test_shared_datasets_load(shared_data):
+    ml100k = read_sequences(os.path.join(shared_data, "ml-100k", "ml-100k.inter"))
+    assert len(ml100k) == 943 and sum(map(len, ml100k)) == 100000
+    seq20 = read_sequences(os.path.join(shared_data, "ml-1m-seq20", "ratings_seq20_order.txt"))
+    assert len(seq20) == 25242 and max(map(len, seq20)) == 20
+    ml1m = read_sequences(os.path.join(shared_data, "ml-1m", "ml-1m.inter.gz"))
+    assert len(ml1m) == 6040 and sum(map(len, ml1m)) == 1000209
