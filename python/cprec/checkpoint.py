@@ -35,6 +35,12 @@ def save_checkpoint(obj: dict, path) -> None:
         raise
 
 
+def _unsafe_global(message: str) -> str:
+    """The line of torch's refusal that names the offending global, if any."""
+    lines = [line.strip() for line in message.splitlines() if "GLOBAL" in line or "Unsupported" in line]
+    return lines[0] if lines else message.splitlines()[0]
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; raise CheckpointError if it is
     missing, damaged, or carries objects that would run code when unpickled."""
@@ -44,12 +50,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
         raise CheckpointError(
             f"{path}: refused: it holds objects that are not plain tensors/containers and could run code "
-            f"when loaded ({str(err).splitlines()[0]})"
+            f"when loaded ({_unsafe_global(str(err))})"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    except Exception as err:  # torch.load raises many types on a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         raise CheckpointError(f"{path}: not a cprec checkpoint (no model/config entries)")
     return obj

@@ -1,0 +1,111 @@
+"""The cprec command end to end: train (every model and sharing scheme), output
+files, resume, evaluate, params, --help, unsafe checkpoints."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cprec.cli import main
+from cprec.sharing import SCHEMES
+
+TINY = ["--quiet", "--dim", "16", "--dilations", "1,2", "--epochs", "2", "--limit-batches", "3", "--max-len", "20"]
+
+
+def run_json(capsys, *args):
+    code = main(list(args) + ["--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _finite(metrics):
+    return all(math.isfinite(v) and 0 <= v <= 1 for v in metrics.values())
+
+
+@pytest.mark.parametrize(
+    "model,sharing", [("nextitnet", "none"), ("pop", None)] + [("cprec", s) for s in sorted(SCHEMES)]
+)
+def test_train_json_every_model(capsys, model, sharing):
+    extra = ["--sharing", sharing] if sharing else []
+    result = run_json(capsys, "train", "--model", model, *TINY, *extra)
+    assert result["model"] == model and result["dataset"] == "ml-latest-small"
+    assert _finite(result["test"]) and _finite(result["valid"]) and _finite(result["baseline_test"])
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("MRR", "HR", "NDCG") for k in (5, 10, 20)}
+    if model != "pop":
+        assert result["epochs_run"] == 2 and len(result["history"]) == 2
+        assert result["model_config"]["sharing"] == sharing
+
+
+def test_output_resume_and_evaluate(capsys, tmp_path):
+    straight = run_json(capsys, "train", *TINY, "--epochs", "3", "--output", str(tmp_path / "a"))
+    run_json(capsys, "train", *TINY, "--epochs", "2", "--output", str(tmp_path / "b"))
+    resumed = run_json(capsys, "train", *TINY, "--epochs", "3", "--output", str(tmp_path / "b"), "--resume")
+    assert len(resumed["history"]) == 3
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    for name, value in straight["test"].items():
+        assert resumed["test"][name] == pytest.approx(value, abs=1e-6)
+    out = tmp_path / "b"
+    assert json.loads((out / "metrics.json").read_text())["test"] == resumed["test"]
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    evaluated = run_json(capsys, "evaluate", str(out / "checkpoint.pt"))
+    for name, value in resumed["test"].items():
+        assert evaluated["test"][name] == pytest.approx(value, abs=1e-6)
+
+
+def test_resume_with_other_flags_is_refused(capsys, tmp_path):
+    run_json(capsys, "train", *TINY, "--epochs", "1", "--output", str(tmp_path))
+    code = main(["train", *TINY, "--dim", "8", "--output", str(tmp_path), "--resume"])
+    assert code == 1 and "was written for model config" in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo planted",))
+
+
+def test_planted_checkpoint_is_refused(capsys, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "config": {}, "payload": _RunsCode()}, path)
+    assert main(["evaluate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "could run code" in err
+    path.write_bytes(b"truncated")
+    assert main(["evaluate", str(path)]) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_params_default_is_4x_smaller(capsys):
+    result = run_json(capsys, "params")
+    table = result["params"]
+    assert result["compression_ratio"] >= 4
+    assert table["nextitnet"]["total"] == sum(table["nextitnet"][p] for p in ("input", "middle", "output"))
+    result = run_json(capsys, "params", "--num-items", "1000", "--cutoffs", "100,400", "--dim", "32")
+    assert result["model_config"]["cutoffs"] == [100, 400, 1000]
+
+
+def test_bad_arguments_exit_cleanly(capsys, tmp_path):
+    assert main(["train", *TINY, "--data", str(tmp_path / "missing.csv")]) == 1
+    assert "no such data file" in capsys.readouterr().err
+    assert main(["params", "--num-items", "100"]) == 1
+    assert "--num-items needs --cutoffs" in capsys.readouterr().err
+    assert main(["train", *TINY, "--cutoffs", "5000,100"]) == 1
+    assert "strictly increasing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dilations", "1,x"])
+
+
+def test_help_of_every_command():
+    for command in ([], ["train"], ["evaluate"], ["params"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "cprec", *command, "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "usage: cprec" in out
+    train_help = subprocess.run([sys.executable, "-m", "cprec", "train", "--help"], capture_output=True, text=True).stdout
+    for flag in ("--data", "--model", "--sharing", "--cutoffs", "--epochs", "--output", "--resume", "--json", "--backend"):
+        assert flag in train_help
