@@ -290,7 +290,7 @@ def adaptive_softmax_loss(
     check_tensor("target", target, shape=(hidden.shape[0],), dtypes=INDEX_DTYPES, device=hidden.device)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    name = backends.resolve(backend, "adaptive_softmax_loss_forward", hidden.device)
+    name = backends.resolve(backend, "adaptive_softmax_loss_forward", hidden.device, hidden.dtype)
     return _loss_op(
         hidden.contiguous(), target.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, int(ignore_index), reduction, name,
@@ -308,7 +308,7 @@ def adaptive_log_prob(
 ) -> Tensor:
     """log p(v | hidden) for every item.  hidden: [N, d] -> [N, V] (float32, or float64)."""
     cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
-    name = backends.resolve(backend, "adaptive_log_prob_forward", hidden.device)
+    name = backends.resolve(backend, "adaptive_log_prob_forward", hidden.device, hidden.dtype)
     return _log_prob_op(
         hidden.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, name,
@@ -337,7 +337,7 @@ def adaptive_topk(
     if exclude is not None:
         check_tensor("exclude", exclude, shape=(hidden.shape[0], None), dtypes=INDEX_DTYPES, device=hidden.device)
         exclude = exclude.contiguous()
-    name = backends.resolve(backend, "adaptive_topk_forward", hidden.device)
+    name = backends.resolve(backend, "adaptive_topk_forward", hidden.device, hidden.dtype)
     return _topk_op(
         hidden.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, k, exclude, name,

@@ -88,8 +88,13 @@ def requested_backend(backend: Optional[str]) -> str:
     return name
 
 
-def resolve(backend: Optional[str], function: str, device: torch.device) -> str:
-    """Pick the concrete backend that runs ``function`` on tensors of ``device``.
+# GPU kernels multiply with tensor cores, which have no float64: ``auto`` leaves
+# float64 calls to the reference (asked for by name, a GPU backend may still serve them).
+_NO_AUTO_FLOAT64 = ("triton", "cuda")
+
+
+def resolve(backend: Optional[str], function: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Pick the concrete backend that runs ``function`` on tensors of ``device``/``dtype``.
 
     Raises RuntimeError when a backend requested by name cannot run it.
     """
@@ -104,6 +109,8 @@ def resolve(backend: Optional[str], function: str, device: torch.device) -> str:
         return name
     for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
         if candidate == "triton" and device.type != "cuda":
+            continue
+        if dtype == torch.float64 and candidate in _NO_AUTO_FLOAT64:
             continue
         if _device_reason(candidate, device) is None and implementation(candidate, function) is not None:
             return candidate

@@ -82,7 +82,7 @@ def causal_conv1d(
     backend: "auto" | "torch" | "triton" | "cpu" | "cuda" (default: $CPREC_BACKEND or auto).
     """
     _check_conv_args(x, weight, bias, dilation)
-    name = backends.resolve(backend, "causal_conv1d_forward", x.device)
+    name = backends.resolve(backend, "causal_conv1d_forward", x.device, x.dtype)
     return _causal_conv1d_op(x.contiguous(), weight.contiguous(), bias, dilation, name)
 
 
@@ -194,7 +194,7 @@ def causal_conv1d_ln_relu(
         residual = residual.contiguous()
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    name = backends.resolve(backend, "causal_conv1d_ln_relu_forward", x.device)
+    name = backends.resolve(backend, "causal_conv1d_ln_relu_forward", x.device, x.dtype)
     out, _, _ = _conv_ln_relu_op(
         x.contiguous(), weight.contiguous(), bias, ln_weight, ln_bias, residual, dilation, float(eps), name
     )

@@ -137,7 +137,7 @@ def blockwise_embedding(
     cutoffs = check_embedding_args(ids, weights, projections, cutoffs)
     if padding_idx is not None and not isinstance(padding_idx, int):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
-    name = backends.resolve(backend, "blockwise_embedding_forward", ids.device)
+    name = backends.resolve(backend, "blockwise_embedding_forward", ids.device, weights[0].dtype)
     return _embedding_op(
         ids,
         [w.contiguous() for w in weights],

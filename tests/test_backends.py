@@ -54,3 +54,10 @@ def test_missing_implementation_is_reported(monkeypatch):
     with pytest.raises(RuntimeError, match="backend 'cpu' is not available.*no implementation"):
         backends.resolve("cpu", "causal_conv1d_forward", torch.device("cpu"))
     assert backends.resolve("auto", "causal_conv1d_forward", torch.device("cpu")) == "torch"
+
+
+def test_auto_leaves_float64_to_the_reference():
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", "causal_conv1d_forward", cuda, torch.float64) not in ("triton", "cuda")
+    assert backends.resolve("auto", "causal_conv1d_forward", cuda, torch.float32) == "triton"
