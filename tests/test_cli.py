@@ -109,3 +109,12 @@ def test_help_of_every_command():
     train_help = subprocess.run([sys.executable, "-m", "cprec", "train", "--help"], capture_output=True, text=True).stdout
     for flag in ("--data", "--model", "--sharing", "--cutoffs", "--epochs", "--output", "--resume", "--json", "--backend"):
         assert flag in train_help
+
+
+@pytest.mark.slow
+def test_default_budget_beats_popularity(capsys):
+    """`cprec train` with no flags: CpRec on the shipped data, the README's first command."""
+    result = run_json(capsys, "train", "--quiet")
+    assert result["model"] == "cprec" and _finite(result["test"])
+    for metric in ("NDCG@10", "HR@10", "MRR@10"):
+        assert result["test"][metric] > result["baseline_test"][metric]
