@@ -1,0 +1,238 @@
+"""CPU benchmarks of the ``cpu`` backend (C++ kernels) against eager PyTorch and
+``torch.compile`` of the eager code, side by side in one run.
+
+    pytest bench/bench_cpu.py                      # small grid, seconds (CI)
+    CPREC_BENCH_FULL=1 pytest bench/bench_cpu.py   # the sizes of issue 6
+
+Rows are grouped per op and size; compare the ``cpu`` row to ``eager``/``compile`` in
+the same group. All tensors are CPU tensors whatever the machine has.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cprec_kernels as ck
+from conftest import sizes, zipf_ids
+
+try:
+    importlib.import_module("cprec_kernels.cpu")
+except ModuleNotFoundError:
+    pytest.skip("the C++ extension is not built", allow_module_level=True)
+
+IMPLS = ["cpu", "eager", "compile"]
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _bench(benchmark, group, fn):
+    benchmark.group = group
+    fn()  # warm-up: first-call allocation, and torch.compile's compilation
+    benchmark(fn)
+
+
+# --------------------------------------------------------------------------------------
+# block-wise embedding, forward + backward
+# --------------------------------------------------------------------------------------
+def _cutoffs(vocab):
+    return [vocab // 50, vocab // 10, vocab // 2, vocab]
+
+
+def _embedding_params(vocab, d):
+    """CpRec's input layer: an identity head (d_0 = d) and tails of width d / 4^j."""
+    cutoffs = _cutoffs(vocab)
+    weights, projs = [], []
+    for j, (lo, hi) in enumerate(zip([0] + cutoffs, cutoffs)):
+        dj = d // 4**j
+        weights.append((torch.randn(hi - lo, dj) * 0.1).requires_grad_())
+        projs.append(None if j == 0 else (torch.randn(d, dj) * 0.1).requires_grad_())
+    return weights, projs, cutoffs
+
+
+def eager_blockwise_embedding(ids, weights, projs, cutoffs):
+    """The eager block loop (fairseq AdaptiveInput style): a mask, a lookup, a matmul
+    and a scatter per block."""
+    flat = ids.reshape(-1)
+    out = weights[0].new_zeros(flat.numel(), weights[0].shape[1] if projs[0] is None else projs[0].shape[0])
+    for lo, hi, table, proj in zip([0] + cutoffs[:-1], cutoffs, weights, projs):
+        rows = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
+        vec = F.embedding(flat[rows] - lo, table)
+        out = out.index_put((rows,), vec if proj is None else vec @ proj.t())
+    return out.view(*ids.shape, -1)
+
+
+@pytest.mark.parametrize("n,vocab,d", sizes([(1024, 10_000, 64)], [(16_384, 100_000, 256)]))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_blockwise_embedding_fwd_bwd(benchmark, impl, n, vocab, d):
+    torch.manual_seed(0)
+    weights, projs, cutoffs = _embedding_params(vocab, d)
+    ids = zipf_ids(n, vocab, device="cpu")
+    params = weights + [p for p in projs if p is not None]
+    grad = torch.randn(n, d)
+    eager = _compiled(eager_blockwise_embedding) if impl == "compile" else eager_blockwise_embedding
+
+    def step():
+        if impl == "cpu":
+            out = ck.blockwise_embedding(ids, weights, projs, cutoffs, backend="cpu")
+        else:
+            out = eager(ids, weights, projs, cutoffs)
+        out.backward(grad)
+        for p in params:
+            p.grad = None
+
+    _bench(benchmark, f"embedding fwd+bwd N={n} V={vocab} d={d}", step)
+
+
+# --------------------------------------------------------------------------------------
+# adaptive softmax loss, forward + backward
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n,d,vocab,cutoffs",
+    sizes([(512, 64, 10_000, [200, 1_000, 5_000])], [(4096, 256, 100_000, [2_000, 10_000, 50_000])]),
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adaptive_softmax_loss_fwd_bwd(benchmark, impl, n, d, vocab, cutoffs):
+    torch.manual_seed(0)
+    module = torch.nn.AdaptiveLogSoftmaxWithLoss(d, vocab, cutoffs, div_value=4.0)
+    hidden = torch.randn(n, d, requires_grad=True)
+    target = zipf_ids(n, vocab, device="cpu")
+    projs = [t[0].weight for t in module.tail]
+    tails = [t[1].weight for t in module.tail]
+    run = _compiled(module) if impl == "compile" else module
+
+    def step():
+        if impl == "cpu":
+            loss = ck.adaptive_softmax_loss(hidden, target, module.head.weight, module.head.bias, projs, tails,
+                                            cutoffs + [vocab], backend="cpu")
+        else:
+            loss = run(hidden, target).loss
+        loss.backward()
+        hidden.grad = None
+        module.zero_grad(set_to_none=True)
+
+    _bench(benchmark, f"adaptive loss fwd+bwd N={n} d={d} V={vocab}", step)
+
+
+# --------------------------------------------------------------------------------------
+# causal conv + LayerNorm + ReLU (+ residual), inference forward
+# --------------------------------------------------------------------------------------
+def eager_conv_ln_relu(x, w, b, ln_w, ln_b, residual, dilation, eps=1e-8):
+    """NextItNet's conv layer as eager PyTorch: padded copy, conv1d, LayerNorm, ReLU."""
+    pad = (w.shape[2] - 1) * dilation
+    z = F.conv1d(F.pad(x.transpose(1, 2), (pad, 0)), w, b, dilation=dilation).transpose(1, 2)
+    return torch.relu(F.layer_norm(z, (w.shape[0],), ln_w, ln_b, eps)) + residual
+
+
+@pytest.mark.parametrize("batch,t,c", sizes([(4, 50, 64)], [(32, 100, 256), (1, 50, 256)]))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv_ln_relu_inference(benchmark, impl, batch, t, c):
+    torch.manual_seed(0)
+    x = torch.randn(batch, t, c)
+    w, b = torch.randn(c, c, 3) / (3 * c) ** 0.5, torch.randn(c)
+    ln_w, ln_b = torch.ones(c), torch.zeros(c)
+    eager = _compiled(eager_conv_ln_relu) if impl == "compile" else eager_conv_ln_relu
+
+    @torch.no_grad()
+    def step():
+        if impl == "cpu":
+            return ck.causal_conv1d_ln_relu(x, w, b, ln_w, ln_b, 2, 1e-8, residual=x, backend="cpu")
+        return eager(x, w, b, ln_w, ln_b, x, 2)
+
+    _bench(benchmark, f"conv+ln+relu fwd B={batch} T={t} C={c}", step)
+
+
+# --------------------------------------------------------------------------------------
+# single-request inference: one user, T = 50, top-10 over V items
+# --------------------------------------------------------------------------------------
+class NextItNetEager(torch.nn.Module):
+    """NextItNet in eager PyTorch: full embedding, residual blocks, Linear(d, V) + topk."""
+
+    def __init__(self, vocab, d, dilations):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.dilations = dilations
+        self.convs = torch.nn.ModuleList(torch.nn.Conv1d(d, d, 3) for _ in range(2 * len(dilations)))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d, eps=1e-8) for _ in range(2 * len(dilations)))
+        self.out = torch.nn.Linear(d, vocab)
+
+    def trunk(self, ids):
+        x = self.embed(ids)
+        for i, dil in enumerate(self.dilations):
+            h = x
+            for j, dj in enumerate((dil, 2 * dil)):
+                conv, norm = self.convs[2 * i + j], self.norms[2 * i + j]
+                h = torch.relu(norm(eager_conv_ln_relu_z(h, conv.weight, conv.bias, dj)))
+            x = x + h
+        return x[:, -1]
+
+    def forward(self, ids, k):
+        return torch.topk(torch.log_softmax(self.out(self.trunk(ids)), -1), k)
+
+
+def eager_conv_ln_relu_z(x, w, b, dilation):
+    pad = (w.shape[2] - 1) * dilation
+    return F.conv1d(F.pad(x.transpose(1, 2), (pad, 0)), w, b, dilation=dilation).transpose(1, 2)
+
+
+class CpRecCpu(torch.nn.Module):
+    """CpRec on the cpu backend: block-wise embedding, fused conv layers (cross-layer
+    sharing), adaptive softmax top-k that never builds the [1, V] scores."""
+
+    def __init__(self, vocab, d, dilations):
+        super().__init__()
+        cutoffs = _cutoffs(vocab)
+        self.cutoffs = cutoffs
+        w, p, _ = _embedding_params(vocab, d)
+        self.emb_w = [t.detach() for t in w]
+        self.emb_p = [None if t is None else t.detach() for t in p]
+        self.dilations = dilations
+        self.conv_w, self.conv_b = torch.randn(d, d, 3) / (3 * d) ** 0.5, torch.zeros(d)
+        self.ln = [(torch.ones(d), torch.zeros(d)) for _ in range(2 * len(dilations))]
+        self.softmax = torch.nn.AdaptiveLogSoftmaxWithLoss(d, vocab, cutoffs[:-1], div_value=4.0)
+
+    def trunk(self, ids):
+        x = ck.blockwise_embedding(ids, self.emb_w, self.emb_p, self.cutoffs, backend="cpu")
+        for i, dil in enumerate(self.dilations):
+            lw1, lb1 = self.ln[2 * i]
+            lw2, lb2 = self.ln[2 * i + 1]
+            h = ck.causal_conv1d_ln_relu(x, self.conv_w, self.conv_b, lw1, lb1, dil, 1e-8, backend="cpu")
+            x = ck.causal_conv1d_ln_relu(h, self.conv_w, self.conv_b, lw2, lb2, 2 * dil, 1e-8, residual=x,
+                                         backend="cpu")
+        return x[:, -1]
+
+    def forward(self, ids, k):
+        s = self.softmax
+        return ck.adaptive_topk(self.trunk(ids), s.head.weight, s.head.bias, [t[0].weight for t in s.tail],
+                                [t[1].weight for t in s.tail], self.cutoffs, k, backend="cpu")
+
+
+@pytest.mark.parametrize("vocab,d,t", sizes([(10_000, 64, 50)], [(100_000, 256, 50)]))
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("part", ["output", "model"])
+@pytest.mark.parametrize("impl", ["cprec-cpu", "nextitnet-eager"])
+def test_single_request_top10(benchmark, impl, part, threads, vocab, d, t):
+    """``output``: the last hidden state -> top-10 only; ``model``: ids -> top-10
+    through 4 residual blocks (dilations 1, 2, 4, 8)."""
+    torch.manual_seed(0)
+    dilations = [1, 2, 4, 8]
+    model = (CpRecCpu if impl == "cprec-cpu" else NextItNetEager)(vocab, d, dilations).eval()
+    ids = zipf_ids(t, vocab, device="cpu").unsqueeze(0)  # one user: [1, T]
+    with torch.no_grad():
+        hidden = model.trunk(ids)  # [1, d]
+    if impl == "cprec-cpu":
+        s = model.softmax
+        head = (s.head.weight, s.head.bias, [x[0].weight for x in s.tail], [x[1].weight for x in s.tail])
+        output = lambda: ck.adaptive_topk(hidden, *head, model.cutoffs, 10, backend="cpu")  # noqa: E731
+    else:
+        output = lambda: torch.topk(torch.log_softmax(model.out(hidden), -1), 10)  # noqa: E731
+    fn = output if part == "output" else (lambda: model(ids, 10))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            _bench(benchmark, f"single request top-10 {part} V={vocab} d={d} T={t} threads={threads}", fn)
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,419 @@
+// Tail-cluster adaptive softmax on the CPU: loss (forward, backward), full log-probs
+// (forward, backward) and a streaming top-k.
+//
+//   head  = h @ Wh^T + bh                                   [N, c1 + n_tails]
+//   z_i   = h @ Q_i^T,  tail_i = z_i @ F_i^T                [N, d_i], [N, V_i]
+//   log p(v) = log_softmax(head)[v]                                          v < c1
+//   log p(v) = log_softmax(head)[c1 + i] + log_softmax(tail_i)[v - c_{i+1}]    v in tail i
+//
+// h: [N, d], Wh: [c1 + n_tails, d], Q_i: [d_i, d], F_i: [V_i, d_i].
+//
+// Memory traffic it is designed for. Loss: the head logits [N, H] once (H = c1 + n_tails
+// is small), and for tail i only its n_i rows, whose logits [n_i, V_i] are produced in
+// item tiles of ~1 MB (L2-resident) and reduced on the fly (online log-sum-exp), so
+// neither [N, V] nor [n_i, V_i] is ever materialised. The rows are grouped by cluster
+// in one pass over the targets here in C++ (no per-cluster host round trip). Backward
+// recomputes each tile (the op interface saves no activations), turns it into
+// w_r * (softmax - onehot) in place and feeds the two GEMMs of the tile
+// (grad_z += G @ F_tile, grad_F_tile = G^T @ z) while it is still in cache.
+// Top-k: the same tiles for every row, each row keeping a min-heap of its k best
+// raw tail logits per tail; the per-row constant log_softmax(head)[c1+i] - lse_i is
+// added when the tail is done. Memory: O(N * (H + tile + k)), never O(N * V).
+// The exponentials run in ATen's vectorised kernels (runtime AVX2/AVX-512 dispatch)
+// on the cache-resident tiles; this file only schedules them.
+#include "cpu/common.h"
+#include "cpu/ops.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/logaddexp.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+namespace cprec::cpu {
+namespace {
+
+constexpr int64_t kTileElems = 1 << 18;  // logits per tile: 1 MB of float32, stays in L2
+
+struct Params {
+  at::Tensor hidden, head_weight, head_bias;  // head_bias undefined when absent
+  std::vector<at::Tensor> proj, weight;       // Q_i [d_i, d], F_i [V_i, d_i]
+  std::vector<int64_t> lo, hi;                // item range [lo_i, hi_i) of tail i
+  int64_t c1 = 0;
+  int64_t n_tails() const { return static_cast<int64_t>(proj.size()); }
+};
+
+Params make_params(const at::Tensor& hidden, const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
+                   at::TensorList tail_projections, at::TensorList tail_weights, at::IntArrayRef cutoffs) {
+  check_float(hidden, "hidden");
+  TORCH_CHECK(hidden.dim() == 2, "adaptive softmax: hidden must be [N, d]");
+  TORCH_CHECK(tail_projections.size() + 1 == cutoffs.size() && tail_weights.size() + 1 == cutoffs.size(),
+              "adaptive softmax: need one projection and one weight per tail cluster");
+  const auto dtype = hidden.scalar_type();
+  auto same = [&](const at::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == dtype, "adaptive softmax: all tensors must have hidden's dtype ", dtype);
+    return t.contiguous();
+  };
+  Params p;
+  p.hidden = hidden.contiguous();
+  p.head_weight = same(head_weight);
+  if (present(head_bias)) p.head_bias = same(*head_bias);
+  p.c1 = cutoffs[0];
+  for (size_t i = 0; i < tail_projections.size(); ++i) {
+    p.proj.push_back(same(tail_projections[i]));
+    p.weight.push_back(same(tail_weights[i]));
+    p.lo.push_back(cutoffs[i]);
+    p.hi.push_back(cutoffs[i + 1]);
+  }
+  return p;
+}
+
+at::Tensor head_logits(const Params& p, const at::Tensor& h) {  // [n, H]
+  return p.head_bias.defined() ? at::addmm(p.head_bias, h, p.head_weight.t()) : at::mm(h, p.head_weight.t());
+}
+
+int64_t tile_width(int64_t rows, int64_t items) {
+  return std::min(items, std::max<int64_t>(256, kTileElems / std::max<int64_t>(rows, 1)));
+}
+
+at::Tensor long_tensor(const std::vector<int64_t>& v) {
+  return at::from_blob(const_cast<int64_t*>(v.data()), {static_cast<int64_t>(v.size())}, at::kLong).clone();
+}
+
+// log-sum-exp over the items of tail i for codes z: [n, d_i] -> [n], tile by tile.
+at::Tensor tail_lse(const at::Tensor& z, const at::Tensor& weight) {
+  const int64_t items = weight.size(0), width = tile_width(z.size(0), items);
+  at::Tensor lse;
+  for (int64_t t0 = 0; t0 < items; t0 += width) {
+    const auto tile = at::mm(z, weight.narrow(0, t0, std::min(width, items - t0)).t());  // [n, w]
+    const auto part = at::logsumexp(tile, {1});
+    lse = lse.defined() ? at::logaddexp(lse, part) : part;
+  }
+  return lse;
+}
+
+// Rows grouped by target cluster, in one pass over the targets.
+struct Groups {
+  std::vector<std::vector<int64_t>> rows;   // per tail: its rows, ascending
+  std::vector<std::vector<int64_t>> local;  // per tail: each row's target minus lo_i
+  std::vector<int64_t> head_col;            // [N] head column of the target, -1 if ignored
+  int64_t kept = 0;
+};
+
+Groups group_rows(const Params& p, const at::Tensor& target, int64_t ignore_index) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == p.hidden.size(0), "adaptive softmax: target must be [N]");
+  const auto t = target.to(at::kLong).contiguous();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  const int64_t n = t.numel(), vocab = p.n_tails() ? p.hi.back() : p.c1;
+  Groups g;
+  g.rows.resize(p.n_tails());
+  g.local.resize(p.n_tails());
+  g.head_col.resize(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t v = tp[r];
+    if (v == ignore_index) {
+      g.head_col[r] = -1;
+      continue;
+    }
+    TORCH_CHECK(v >= 0 && v < vocab, "adaptive softmax: target ", v, " is outside [0, ", vocab, ")");
+    ++g.kept;
+    if (v < p.c1) {
+      g.head_col[r] = v;
+      continue;
+    }
+    int64_t i = 0;
+    while (v >= p.hi[i]) ++i;
+    g.head_col[r] = p.c1 + i;
+    g.rows[i].push_back(r);
+    g.local[i].push_back(v - p.lo[i]);
+  }
+  return g;
+}
+
+// Per-row factor of d loss / d nll: grad_loss times 1 (none/sum) or 1/kept (mean), 0 if ignored.
+at::Tensor row_weights(const at::Tensor& grad_loss, const Groups& g, const std::string& reduction,
+                       const at::TensorOptions& opts) {
+  const int64_t n = static_cast<int64_t>(g.head_col.size());
+  std::vector<double> keep(n);
+  const double scale = reduction == "mean" ? 1.0 / std::max<int64_t>(g.kept, 1) : 1.0;
+  for (int64_t r = 0; r < n; ++r) keep[r] = g.head_col[r] < 0 ? 0.0 : scale;
+  auto w = at::from_blob(keep.data(), {n}, at::kDouble).to(opts.dtype(), /*non_blocking=*/false, /*copy=*/true);
+  return w.mul_(grad_loss.to(opts.dtype()));  // grad_loss: [] or [N]
+}
+
+void check_reduction(const std::string& reduction) {
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none",
+              "adaptive softmax: reduction must be mean, sum or none, got ", reduction);
+}
+
+// ---- top-k helpers ------------------------------------------------------------------
+template <typename T>
+using Entry = std::pair<T, int64_t>;  // (score, item)
+
+template <typename T>
+struct MinFirst {
+  bool operator()(const Entry<T>& a, const Entry<T>& b) const { return a.first > b.first; }
+};
+
+// A row's k best (score, item), as a min-heap whose root is the one to evict.
+template <typename T>
+struct TopK {
+  int64_t k;
+  std::vector<Entry<T>> heap;
+  void offer(T score, int64_t item) {
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.emplace_back(score, item);
+      std::push_heap(heap.begin(), heap.end(), MinFirst<T>());
+    } else if (score > heap.front().first) {
+      std::pop_heap(heap.begin(), heap.end(), MinFirst<T>());
+      heap.back() = {score, item};
+      std::push_heap(heap.begin(), heap.end(), MinFirst<T>());
+    }
+  }
+  bool full_and_beats(T score) const { return static_cast<int64_t>(heap.size()) >= k && score <= heap.front().first; }
+};
+
+// Sorted excluded ids per row (negatives are padding and dropped).
+std::vector<std::vector<int64_t>> excluded_ids(const std::optional<at::Tensor>& exclude, int64_t n) {
+  std::vector<std::vector<int64_t>> out(n);
+  if (!present(exclude) || exclude->numel() == 0) return out;
+  const auto e = exclude->to(at::kLong).contiguous();
+  TORCH_CHECK(e.dim() == 2 && e.size(0) == n, "adaptive_topk: exclude must be [N, m]");
+  const int64_t m = e.size(1);
+  const int64_t* ep = e.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < m; ++j)
+      if (ep[r * m + j] >= 0) out[r].push_back(ep[r * m + j]);
+    std::sort(out[r].begin(), out[r].end());
+  }
+  return out;
+}
+
+bool is_excluded(const std::vector<int64_t>& sorted_ids, int64_t item) {
+  return !sorted_ids.empty() && std::binary_search(sorted_ids.begin(), sorted_ids.end(), item);
+}
+
+// Offer row r's scores[0:w] (items first_item + j) to its heap.
+template <typename T>
+void offer_row(TopK<T>& top, const T* scores, int64_t w, int64_t first_item, const std::vector<int64_t>& excl) {
+  for (int64_t j = 0; j < w; ++j) {
+    const T s = scores[j];
+    if (top.full_and_beats(s) || s == -std::numeric_limits<T>::infinity()) continue;
+    if (is_excluded(excl, first_item + j)) continue;
+    top.offer(s, first_item + j);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> topk_impl(const Params& p, int64_t k,
+                                             const std::vector<std::vector<int64_t>>& excl) {
+  const auto& h = p.hidden;
+  const int64_t n = h.size(0);
+  const auto head_lp = at::log_softmax(head_logits(p, h), 1).contiguous();  // [N, H]
+  const int64_t width_h = head_lp.size(1);
+  std::vector<TopK<T>> best(n, TopK<T>{k, {}});
+  const T* hp = head_lp.template const_data_ptr<T>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) offer_row<T>(best[r], hp + r * width_h, p.c1, 0, excl[r]);
+  });
+  for (int64_t i = 0; i < p.n_tails(); ++i) {
+    const auto z = at::mm(h, p.proj[i].t());  // [N, d_i]
+    const int64_t items = p.weight[i].size(0), width = tile_width(n, items);
+    std::vector<TopK<T>> tail(n, TopK<T>{k, {}});  // best raw tail logits of this tail
+    at::Tensor lse;
+    for (int64_t t0 = 0; t0 < items; t0 += width) {
+      const int64_t w = std::min(width, items - t0);
+      const auto tile = at::mm(z, p.weight[i].narrow(0, t0, w).t()).contiguous();  // [N, w]
+      const auto part = at::logsumexp(tile, {1});
+      lse = lse.defined() ? at::logaddexp(lse, part) : part;
+      const T* tp = tile.template const_data_ptr<T>();
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) offer_row<T>(tail[r], tp + r * w, w, p.lo[i] + t0, excl[r]);
+      });
+    }
+    const auto offset = head_lp.select(1, p.c1 + i).sub(lse).contiguous();  // [N]
+    const T* op = offset.template const_data_ptr<T>();
+    for (int64_t r = 0; r < n; ++r)
+      for (const auto& [score, item] : tail[r].heap) best[r].offer(score + op[r], item);
+  }
+  auto values = at::full({n, k}, -std::numeric_limits<T>::infinity(), h.options());
+  auto ids = at::zeros({n, k}, h.options().dtype(at::kLong));
+  T* vp = values.template data_ptr<T>();
+  int64_t* ip = ids.template data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    auto& heap = best[r].heap;
+    std::sort_heap(heap.begin(), heap.end(), MinFirst<T>());  // best first
+    for (size_t j = 0; j < heap.size(); ++j) {
+      vp[r * k + j] = heap[j].first;
+      ip[r * k + j] = heap[j].second;
+    }
+  }
+  return {values, ids};
+}
+
+}  // namespace
+
+at::Tensor adaptive_softmax_loss_forward(const at::Tensor& hidden, const at::Tensor& target,
+                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
+                                         at::TensorList tail_projections, at::TensorList tail_weights,
+                                         at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction) {
+  check_reduction(reduction);
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  const Groups g = group_rows(p, target, ignore_index);
+  const auto& h = p.hidden;
+  const int64_t n = h.size(0);
+  // Head: nll = lse(head) - head[col] on the rows kept.
+  const auto logits = head_logits(p, h);  // [N, H]
+  const auto col = long_tensor(g.head_col).clamp_min_(0);
+  auto nll = at::logsumexp(logits, {1}).sub_(logits.gather(1, col.unsqueeze(1)).squeeze(1));  // [N]
+  // Tail i on its rows: nll += lse(tail_i) - tail_i[target].
+  for (int64_t i = 0; i < p.n_tails(); ++i) {
+    if (g.rows[i].empty()) continue;
+    const auto rows = long_tensor(g.rows[i]);
+    const auto z = at::mm(h.index_select(0, rows), p.proj[i].t());                              // [n_i, d_i]
+    const auto target_logit = z.mul(p.weight[i].index_select(0, long_tensor(g.local[i]))).sum(1);  // [n_i]
+    nll.index_add_(0, rows, tail_lse(z, p.weight[i]).sub_(target_logit));
+  }
+  nll.mul_(long_tensor(g.head_col).ge(0).to(nll.scalar_type()));  // ignored rows give 0
+  if (reduction == "none") return nll;
+  auto total = nll.sum();
+  return reduction == "mean" ? total.div_(static_cast<double>(std::max<int64_t>(g.kept, 1))) : total;
+}
+
+AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                             const at::Tensor& target, const at::Tensor& head_weight,
+                                             const std::optional<at::Tensor>& head_bias,
+                                             at::TensorList tail_projections, at::TensorList tail_weights,
+                                             at::IntArrayRef cutoffs, int64_t ignore_index,
+                                             const std::string& reduction) {
+  check_reduction(reduction);
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  const Groups g = group_rows(p, target, ignore_index);
+  const auto& h = p.hidden;
+  const auto w = row_weights(grad_loss, g, reduction, h.options());  // [N]
+  // Head: G = w * (softmax(head) - onehot(col)).
+  auto G = at::softmax(head_logits(p, h), 1).mul_(w.unsqueeze(1));  // [N, H]
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "adaptive_loss_head_onehot", [&] {
+    scalar_t* gp = G.data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const int64_t width = G.size(1);
+    for (size_t r = 0; r < g.head_col.size(); ++r)
+      if (g.head_col[r] >= 0) gp[r * width + g.head_col[r]] -= wp[r];
+  });
+  auto grad_h = at::mm(G, p.head_weight);  // [N, d]
+  auto grad_hw = at::mm(G.t(), h);         // [H, d]
+  auto grad_hb = p.head_bias.defined() ? G.sum(0) : absent(h);
+  TensorVec grad_proj, grad_weight;
+  for (int64_t i = 0; i < p.n_tails(); ++i) {
+    const auto& F = p.weight[i];
+    if (g.rows[i].empty()) {  // an empty cluster: no rows, no gradient
+      grad_proj.push_back(at::zeros_like(p.proj[i]));
+      grad_weight.push_back(at::zeros_like(F));
+      continue;
+    }
+    auto grad_F = at::empty_like(F);  // every tile writes its rows below
+    const auto rows = long_tensor(g.rows[i]);
+    const auto h_i = h.index_select(0, rows);          // [n_i, d]
+    const auto z = at::mm(h_i, p.proj[i].t());          // [n_i, d_i]
+    const auto lse = tail_lse(z, F).unsqueeze(1);       // [n_i, 1]
+    const auto w_i = w.index_select(0, rows);           // [n_i]
+    const auto w_col = w_i.unsqueeze(1);
+    auto grad_z = at::zeros_like(z);
+    const int64_t items = F.size(0), width = tile_width(z.size(0), items), n_i = z.size(0);
+    for (int64_t t0 = 0; t0 < items; t0 += width) {
+      const int64_t tw = std::min(width, items - t0);
+      const auto F_tile = F.narrow(0, t0, tw);                             // [w, d_i]
+      auto G_tile = at::mm(z, F_tile.t()).sub_(lse).exp_().mul_(w_col);    // w * softmax, [n_i, w]
+      AT_DISPATCH_FLOATING_TYPES(G_tile.scalar_type(), "adaptive_loss_tail_onehot", [&] {
+        scalar_t* gp = G_tile.data_ptr<scalar_t>();
+        const scalar_t* wp = w_i.const_data_ptr<scalar_t>();
+        for (int64_t r = 0; r < n_i; ++r) {
+          const int64_t c = g.local[i][r] - t0;
+          if (c >= 0 && c < tw) gp[r * tw + c] -= wp[r];
+        }
+      });
+      grad_z.addmm_(G_tile, F_tile);
+      auto grad_F_tile = grad_F.narrow(0, t0, tw);
+      at::mm_out(grad_F_tile, G_tile.t(), z);
+    }
+    grad_proj.push_back(at::mm(grad_z.t(), h_i));               // [d_i, d]
+    grad_h.index_add_(0, rows, at::mm(grad_z, p.proj[i]));      // [n_i, d]
+    grad_weight.push_back(grad_F);
+  }
+  return {grad_h, grad_hw, grad_hb, grad_proj, grad_weight};
+}
+
+at::Tensor adaptive_log_prob_forward(const at::Tensor& hidden, const at::Tensor& head_weight,
+                                     const std::optional<at::Tensor>& head_bias, at::TensorList tail_projections,
+                                     at::TensorList tail_weights, at::IntArrayRef cutoffs) {
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  const auto& h = p.hidden;
+  const int64_t vocab = cutoffs.back();
+  auto out = at::empty({h.size(0), vocab}, h.options());  // [N, V]: what this op returns
+  const auto head_lp = at::log_softmax(head_logits(p, h), 1);
+  out.narrow(1, 0, p.c1).copy_(head_lp.narrow(1, 0, p.c1));
+  for (int64_t i = 0; i < p.n_tails(); ++i) {
+    // The tail's logits are written straight into their columns of the output,
+    // then shifted in place by the row constant log p(cluster) - lse.
+    auto part = out.narrow(1, p.lo[i], p.hi[i] - p.lo[i]);
+    at::mm_out(part, at::mm(h, p.proj[i].t()), p.weight[i].t());
+    const auto shift = head_lp.select(1, p.c1 + i).sub(at::logsumexp(part, {1}));
+    part.add_(shift.unsqueeze(1));
+  }
+  return out;
+}
+
+AdaptiveGrads adaptive_log_prob_backward(const at::Tensor& grad, const at::Tensor& hidden,
+                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
+                                         at::TensorList tail_projections, at::TensorList tail_weights,
+                                         at::IntArrayRef cutoffs) {
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  const auto& h = p.hidden;
+  const auto g = grad.to(h.scalar_type());  // [N, V]
+  const auto head = head_logits(p, h);
+  auto g_head_lp = at::zeros_like(head);  // d loss / d log_softmax(head), [N, H]
+  g_head_lp.narrow(1, 0, p.c1).copy_(g.narrow(1, 0, p.c1));
+  auto grad_h = at::zeros_like(h);
+  TensorVec grad_proj, grad_weight;
+  for (int64_t i = 0; i < p.n_tails(); ++i) {
+    const auto g_tail = g.narrow(1, p.lo[i], p.hi[i] - p.lo[i]);  // [N, V_i]
+    const auto g_sum = g_tail.sum(1, true);                        // [N, 1]
+    g_head_lp.select(1, p.c1 + i).copy_(g_sum.squeeze(1));
+    const auto z = at::mm(h, p.proj[i].t());                       // [N, d_i]
+    // d/d logits of log_softmax: g - softmax * sum(g).
+    const auto g_logits = at::softmax(at::mm(z, p.weight[i].t()), 1).mul_(g_sum).neg_().add_(g_tail);
+    const auto g_z = at::mm(g_logits, p.weight[i]);
+    grad_weight.push_back(at::mm(g_logits.t(), z));
+    grad_proj.push_back(at::mm(g_z.t(), h));
+    grad_h.addmm_(g_z, p.proj[i]);
+  }
+  const auto g_head = at::softmax(head, 1).mul_(g_head_lp.sum(1, true)).neg_().add_(g_head_lp);
+  grad_h.addmm_(g_head, p.head_weight);
+  auto grad_hb = p.head_bias.defined() ? g_head.sum(0) : absent(h);
+  return {grad_h, at::mm(g_head.t(), h), grad_hb, grad_proj, grad_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> adaptive_topk_forward(const at::Tensor& hidden, const at::Tensor& head_weight,
+                                                         const std::optional<at::Tensor>& head_bias,
+                                                         at::TensorList tail_projections,
+                                                         at::TensorList tail_weights, at::IntArrayRef cutoffs,
+                                                         int64_t k, const std::optional<at::Tensor>& exclude) {
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  TORCH_CHECK(k >= 1 && k <= cutoffs.back(), "adaptive_topk: k must be in [1, V], got ", k);
+  const auto excl = excluded_ids(exclude, p.hidden.size(0));
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(p.hidden.scalar_type(), "adaptive_topk", [&] { out = topk_impl<scalar_t>(p, k, excl); });
+  return out;
+}
+
+}  // namespace cprec::cpu

@@ -1,0 +1,81 @@
+// The cpu backend's operators: declarations shared by the kernels and the bindings.
+//
+// Each function mirrors the function of the same name in cprec_kernels/reference.py
+// (same arguments in the same order, same outputs). Two conventions differ, because
+// an operator schema has no "list of optional tensors": an absent projection or an
+// absent gradient is an EMPTY tensor (numel() == 0), which cprec_kernels/cpu.py maps
+// to and from None. Supported dtypes: float32 and float64 (cpu.py upcasts the rest).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace cprec::cpu {
+
+using TensorVec = std::vector<at::Tensor>;
+
+// ---- block-wise factorized embedding (embedding.cpp) --------------------------------
+at::Tensor blockwise_embedding_forward(const at::Tensor& ids, at::TensorList weights, at::TensorList projections,
+                                       at::IntArrayRef cutoffs, std::optional<int64_t> padding_idx);
+
+std::tuple<TensorVec, TensorVec> blockwise_embedding_backward(const at::Tensor& grad_out, const at::Tensor& ids,
+                                                              at::TensorList weights, at::TensorList projections,
+                                                              at::IntArrayRef cutoffs,
+                                                              std::optional<int64_t> padding_idx);
+
+// ---- tail-cluster adaptive softmax (adaptive_softmax.cpp) ---------------------------
+// Gradients: (grad_hidden, grad_head_weight, grad_head_bias or empty,
+//             [grad_tail_projection], [grad_tail_weight]).
+using AdaptiveGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, TensorVec, TensorVec>;
+
+at::Tensor adaptive_softmax_loss_forward(const at::Tensor& hidden, const at::Tensor& target,
+                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
+                                         at::TensorList tail_projections, at::TensorList tail_weights,
+                                         at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction);
+
+AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                             const at::Tensor& target, const at::Tensor& head_weight,
+                                             const std::optional<at::Tensor>& head_bias,
+                                             at::TensorList tail_projections, at::TensorList tail_weights,
+                                             at::IntArrayRef cutoffs, int64_t ignore_index,
+                                             const std::string& reduction);
+
+at::Tensor adaptive_log_prob_forward(const at::Tensor& hidden, const at::Tensor& head_weight,
+                                     const std::optional<at::Tensor>& head_bias, at::TensorList tail_projections,
+                                     at::TensorList tail_weights, at::IntArrayRef cutoffs);
+
+AdaptiveGrads adaptive_log_prob_backward(const at::Tensor& grad, const at::Tensor& hidden,
+                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
+                                         at::TensorList tail_projections, at::TensorList tail_weights,
+                                         at::IntArrayRef cutoffs);
+
+std::tuple<at::Tensor, at::Tensor> adaptive_topk_forward(const at::Tensor& hidden, const at::Tensor& head_weight,
+                                                         const std::optional<at::Tensor>& head_bias,
+                                                         at::TensorList tail_projections,
+                                                         at::TensorList tail_weights, at::IntArrayRef cutoffs,
+                                                         int64_t k, const std::optional<at::Tensor>& exclude);
+
+// ---- causal dilated convolution (conv.cpp) ------------------------------------------
+at::Tensor causal_conv1d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 int64_t dilation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                      const at::Tensor& weight,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      int64_t dilation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+    const std::optional<at::Tensor>& residual, int64_t dilation, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t dilation, double eps);
+
+}  // namespace cprec::cpu
