@@ -84,7 +84,7 @@ def test_params_default_is_4x_smaller(capsys):
     result = run_json(capsys, "params")
     table = result["params"]
     assert result["compression_ratio"] >= 4
-    assert table["nextitnet"]["total"] == sum(table["nextitnet"][p] for p in ("input", "middle", "output"))
+    assert table["baseline"]["total"] == sum(table["baseline"][p] for p in ("input", "middle", "output"))
     result = run_json(capsys, "params", "--num-items", "1000", "--cutoffs", "100,400", "--dim", "32")
     assert result["model_config"]["cutoffs"] == [100, 400, 1000]
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from .data import FORMATS, SPLITS, DataError, load_dataset
 from .checkpoint import CheckpointError
-from .models import MODELS, block_dilations_list, parameter_table
+from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
 from .sharing import SCHEMES
 from .train import DEFAULT_SHARING, TrainConfig, evaluate_checkpoint, model_config, train
 
@@ -51,8 +51,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="cprec", choices=MODELS, help="cprec (compressed), nextitnet "
-                   "(full embedding and softmax) or pop (most popular items) (default: %(default)s)")
+    g.add_argument("--model", default="cprec", choices=MODELS, help="cprec (compressed NextItNet), nextitnet "
+                   "(full embedding and softmax), sasrec (self-attention), gru4rec (GRU) or pop (most popular "
+                   "items) (default: %(default)s)")
+    g.add_argument("--input", "--input-layer", dest="input_layer", choices=INPUTS, default=None,
+                   help="input embedding: full, or CpRec's block-wise factorized one (default: blockwise for "
+                   "cprec, full otherwise)")
+    # --output names the run's directory (train), so the output layer has its own flag.
+    g.add_argument("--output-layer", dest="output_layer", choices=OUTPUTS, default=None,
+                   help="output layer: full softmax, or the tail-cluster adaptive softmax (default: adaptive "
+                   "for cprec, full otherwise)")
     g.add_argument("--dim", type=int, default=64, help="model width d (default: %(default)s)")
     g.add_argument("--dilations", type=_dilations, default=[1, 4, 1, 4], metavar="D,D,...",
                    help="dilation of each residual block; its two convs use d and 2d (default: 1,4,1,4)")
@@ -68,6 +76,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--div-value", type=float, default=4.0, help="block j has width d / div**j (default: %(default)s)")
     g.add_argument("--head-projection", action="store_true", help="give the head block of the input "
                    "embedding a projection too")
+    g.add_argument("--num-layers", type=int, default=2, help="sasrec/gru4rec: attention blocks or GRU layers (default: %(default)s)")
+    g.add_argument("--num-heads", type=int, default=1, help="sasrec: attention heads (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=0.2, help="sasrec/gru4rec: dropout rate (default: %(default)s)")
     g.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"],
                    help="kernel backend of the ops (default: $CPREC_BACKEND or auto)")
 
@@ -113,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-batch-size", type=int, default=256, help="examples per batch (default: %(default)s)")
     _add_output_args(e)
 
-    p = sub.add_parser("params", help="parameter counts by part and the compression ratio against NextItNet",
-                       description="Count the parameters of a CpRec config by part (input embedding, middle "
-                       "convs, output softmax) next to the NextItNet with the same d, dilations and items.")
+    p = sub.add_parser("params", help="parameter counts by part and the compression ratio against the full model",
+                       description="Count the parameters of a compressed config by part (input embedding, middle, "
+                       "output layer) next to its uncompressed baseline with the same d and items: for cprec the "
+                       "NextItNet without sharing; for sasrec/gru4rec the same model with full embedding and "
+                       "softmax (the compressed side uses --input/--output, by default blockwise/adaptive).")
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--num-items", type=int, default=None, help="vocabulary size V instead of reading --data "
@@ -129,7 +142,8 @@ def _train_config(args) -> TrainConfig:
         model=args.model, data=args.data, format=args.format, split=args.split, max_len=args.max_len,
         seed=args.seed, d=args.dim, block_dilations=args.dilations, kernel_size=args.kernel_size,
         sharing=args.sharing, cutoffs=args.cutoffs, coverage=args.coverage, div_value=args.div_value,
-        head_projection=args.head_projection, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        head_projection=args.head_projection, input_layer=args.input_layer, output_layer=args.output_layer, num_layers=args.num_layers,
+        num_heads=args.num_heads, dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, eval_batch_size=args.eval_batch_size,
         limit_batches=args.limit_batches, device=args.device, backend=args.backend, output=args.output,
         resume=args.resume, progress=not args.quiet,
@@ -179,22 +193,28 @@ def cmd_params(args) -> dict:
         data = _Vocabulary(args.num_items)
     else:
         data = load_dataset(args.data, args.format, args.split, args.max_len, args.seed)
+    if cfg.model != "pop":
+        # The compressed side: factorized ends unless the flags say otherwise.
+        cfg.input_layer, cfg.output_layer = cfg.input_layer or "blockwise", cfg.output_layer or "adaptive"
     mcfg = model_config(cfg, data)
     table = parameter_table(mcfg)
-    ratio = table["nextitnet"]["total"] / table["cprec"]["total"]
+    ratio = table["baseline"]["total"] / table["compressed"]["total"]
     result = {"model_config": mcfg, "params": table, "compression_ratio": ratio}
     if not args.json:
-        print(f"V = {mcfg['num_items']:,}, d = {mcfg['d']}, cutoffs = {mcfg['cutoffs']}, div = {mcfg['div_value']}, "
-              f"sharing = {mcfg['sharing']}, blocks = {len(mcfg['block_dilations'])}")
-        print(f"{'part':<8}{'NextItNet':>12}{'CpRec':>12}{'ratio':>8}")
+        base = "NextItNet" if mcfg["model"] in ("cprec", "nextitnet") else mcfg["model"]
+        print(f"V = {mcfg['num_items']:,}, d = {mcfg['d']}, cutoffs = {mcfg['cutoffs']}, div = {mcfg['div_value']}")
+        print(f"baseline: {base} with full embedding and softmax; compressed: {mcfg['model']} with "
+              f"{mcfg['input'] if mcfg['model'] != 'nextitnet' else 'blockwise'} input, "
+              f"{mcfg['output'] if mcfg['model'] != 'nextitnet' else 'adaptive'} output"
+              + (f", sharing {mcfg['sharing']}" if mcfg["model"] in ("cprec", "nextitnet") else ""))
+        print(f"{'part':<8}{'baseline':>12}{'compressed':>12}{'ratio':>8}")
         for part in ("input", "middle", "output", "total"):
-            n, c = table["nextitnet"][part], table["cprec"][part]
+            n, c = table["baseline"][part], table["compressed"][part]
             print(f"{part:<8}{n:>12,}{c:>12,}{n / c:>7.2f}x")
     return result
 
 
 def _train_config_for_params(args) -> TrainConfig:
-    args.model = "cprec"
     for name, value in (("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
                         ("limit_batches", None), ("eval_batch_size", 1), ("device", "cpu"), ("output", None),
                         ("resume", False), ("quiet", True)):

@@ -17,7 +17,7 @@ from cprec_kernels.reference import mask_excluded
 from .sharing import layer_map
 
 Tensor = torch.Tensor
-MODELS = ("cprec", "nextitnet", "pop")
+MODELS = ("cprec", "nextitnet", "sasrec", "gru4rec", "pop")
 
 
 def _count(module: Optional[nn.Module]) -> int:
@@ -113,7 +113,81 @@ class ResidualStack(nn.Module):
         return x
 
 
-class NextItNet(Recommender):
+INPUTS = ("full", "blockwise")
+OUTPUTS = ("full", "adaptive")
+
+
+class SequenceRecommender(Recommender):
+    """input layer -> middle -> output layer, with either end full or factorized.
+
+    ``input``: "full" (``nn.Embedding`` of V + 1 rows, the last for padding) or
+    "blockwise" (CpRec's ``BlockwiseEmbedding``); ``output``: "full" (``nn.Linear``
+    to V logits + cross-entropy) or "adaptive" (``AdaptiveSoftmax``). Factorized
+    ends share ``cutoffs`` and ``div_value``. ``middle`` maps [B, T, d] to [B, T, d]
+    causally and takes a ``pad_mask`` [B, T] (True at padding) if it wants one.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        d: int,
+        middle: nn.Module,
+        input: str = "full",
+        output: str = "full",
+        cutoffs: Optional[Sequence[int]] = None,
+        div_value: float = 4.0,
+        head_projection: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_items)
+        if input not in INPUTS or output not in OUTPUTS:
+            raise ValueError(f"input must be one of {INPUTS} and output one of {OUTPUTS}, got {input!r}, {output!r}")
+        if "blockwise" == input or "adaptive" == output:
+            cutoffs = list(cutoffs or [])
+            if not cutoffs or cutoffs[-1] != num_items:
+                raise ValueError(f"cutoffs must end at num_items = {num_items}, got {cutoffs}")
+        self.input_kind, self.output_kind = input, output
+        if input == "full":
+            self.input_layer = nn.Embedding(num_items + 1, d, padding_idx=num_items)
+        else:
+            self.input_layer = BlockwiseEmbedding(
+                cutoffs, d, div_value, head_projection=head_projection, padding_idx=num_items, backend=backend
+            )
+        self.middle = middle
+        if output == "full":
+            self.output_layer = nn.Linear(d, num_items)
+        else:
+            self.output_layer = AdaptiveSoftmax(d, cutoffs, div_value, backend=backend)
+
+    def hidden(self, inputs: Tensor) -> Tensor:
+        """inputs: [B, T] -> [B, T, d]."""
+        x = self.input_layer(inputs)
+        if getattr(self.middle, "wants_pad_mask", False):
+            return self.middle(x, inputs == self.pad)
+        return self.middle(x)
+
+    def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        h = self.hidden(inputs).flatten(0, 1)
+        if self.output_kind == "adaptive":
+            return self.output_layer(h, targets.reshape(-1), ignore_index=self.pad)
+        return F.cross_entropy(self.output_layer(h).float(), targets.reshape(-1), ignore_index=self.pad)
+
+    def scores(self, inputs: Tensor) -> Tensor:
+        last = self.hidden(inputs)[:, -1]
+        if self.output_kind == "adaptive":
+            return self.output_layer.log_prob(last)
+        return torch.log_softmax(self.output_layer(last).float(), dim=-1)
+
+    def recommend(self, inputs: Tensor, k: int, exclude: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if self.output_kind != "adaptive":
+            return super().recommend(inputs, k, exclude)
+        if exclude is not None:
+            exclude = torch.where(exclude >= self.num_items, -1, exclude)
+        # Streaming top-k: the [B, V] scores are never built by the fused backends.
+        return self.output_layer.topk(self.hidden(inputs)[:, -1], k, exclude)
+
+
+class NextItNet(SequenceRecommender):
     """NextItNet (Yuan et al., WSDM 2019): full embedding, residual dilated causal
     convs, full softmax over the V items."""
 
@@ -125,25 +199,13 @@ class NextItNet(Recommender):
         kernel_size: int = 3,
         sharing: str = "none",
         backend: Optional[str] = None,
+        **ends,
     ) -> None:
-        super().__init__(num_items)
-        self.input_layer = nn.Embedding(num_items + 1, d, padding_idx=num_items)
-        self.middle = ResidualStack(d, block_dilations, sharing, kernel_size, backend=backend)
-        self.output_layer = nn.Linear(d, num_items)
-
-    def hidden(self, inputs: Tensor) -> Tensor:
-        """inputs: [B, T] -> [B, T, d]."""
-        return self.middle(self.input_layer(inputs))
-
-    def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        logits = self.output_layer(self.hidden(inputs)).flatten(0, 1)
-        return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=self.pad)
-
-    def scores(self, inputs: Tensor) -> Tensor:
-        return torch.log_softmax(self.output_layer(self.hidden(inputs)[:, -1]).float(), dim=-1)
+        middle = ResidualStack(d, block_dilations, sharing, kernel_size, backend=backend)
+        super().__init__(num_items, d, middle, backend=backend, **ends)
 
 
-class CpRec(Recommender):
+class CpRec(NextItNet):
     """CpRec (Sun et al., SIGIR 2020): NextItNet with a block-wise factorized input
     embedding, an adaptive softmax output sharing the same frequency cutoffs, and
     layer-wise sharing of the residual convs."""
@@ -159,65 +221,78 @@ class CpRec(Recommender):
         div_value: float = 4.0,
         head_projection: bool = False,
         backend: Optional[str] = None,
+        input: str = "blockwise",
+        output: str = "adaptive",
     ) -> None:
-        super().__init__(num_items)
-        cutoffs = list(cutoffs)
-        if not cutoffs or cutoffs[-1] != num_items:
-            raise ValueError(f"cutoffs must end at num_items = {num_items}, got {cutoffs}")
-        self.input_layer = BlockwiseEmbedding(
-            cutoffs, d, div_value, head_projection=head_projection, padding_idx=num_items, backend=backend
+        super().__init__(
+            num_items, d, block_dilations, kernel_size, sharing, backend,
+            input=input, output=output, cutoffs=cutoffs, div_value=div_value, head_projection=head_projection,
         )
-        self.middle = ResidualStack(d, block_dilations, sharing, kernel_size, backend=backend)
-        self.output_layer = AdaptiveSoftmax(d, cutoffs, div_value, backend=backend)
 
-    def hidden(self, inputs: Tensor) -> Tensor:
-        return self.middle(self.input_layer(inputs))
 
-    def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        h = self.hidden(inputs)
-        return self.output_layer(h.flatten(0, 1), targets.reshape(-1), ignore_index=self.pad)
+# The ends each model has when the config does not say: CpRec is the compressed NextItNet.
+DEFAULT_ENDS = {"nextitnet": ("full", "full"), "cprec": ("blockwise", "adaptive"),
+                "sasrec": ("full", "full"), "gru4rec": ("full", "full")}
 
-    def scores(self, inputs: Tensor) -> Tensor:
-        return self.output_layer.log_prob(self.hidden(inputs)[:, -1])
 
-    def recommend(self, inputs: Tensor, k: int, exclude: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        if exclude is not None:
-            exclude = torch.where(exclude >= self.num_items, -1, exclude)
-        return self.output_layer.topk(self.hidden(inputs)[:, -1], k, exclude)
+def model_ends(config: dict) -> Tuple[str, str]:
+    """(input, output) kinds of a config, the model's defaults where unset."""
+    default_in, default_out = DEFAULT_ENDS[config["model"]]
+    return config.get("input") or default_in, config.get("output") or default_out
+
+
+def _middle(config: dict) -> nn.Module:
+    kind, d = config["model"], int(config["d"])
+    if kind in ("nextitnet", "cprec"):
+        return ResidualStack(
+            d, [int(x) for x in config["block_dilations"]], config["sharing"], int(config["kernel_size"]),
+            backend=config.get("backend"),
+        )
+    from .gru4rec import GRUEncoder
+    from .sasrec import SASRecEncoder
+
+    layers, dropout = int(config.get("num_layers", 2)), float(config.get("dropout", 0.2))
+    if kind == "sasrec":
+        return SASRecEncoder(d, int(config["max_len"]), layers, int(config.get("num_heads", 1)), dropout)
+    return GRUEncoder(d, layers, dropout)
 
 
 def build_model(config: dict, counts: Optional[Sequence[int]] = None) -> Recommender:
     """A model from a plain config dict (as stored in checkpoints).
 
-    Keys: model, num_items, d, block_dilations, kernel_size, sharing, cutoffs,
-    div_value, head_projection, backend.
+    Keys: model (one of MODELS), num_items, d; for nextitnet/cprec block_dilations,
+    kernel_size, sharing; for sasrec/gru4rec max_len, num_layers, num_heads, dropout;
+    input ("full"/"blockwise") and output ("full"/"adaptive") with cutoffs,
+    div_value, head_projection for factorized ends; backend.
     """
-    kind, V = config["model"], int(config["num_items"])
+    kind = config["model"]
+    if kind not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
+    V = int(config["num_items"])
     if kind == "pop":
         return PopularityModel(V, counts)
-    common = dict(
-        d=int(config["d"]),
-        block_dilations=[int(x) for x in config["block_dilations"]],
-        kernel_size=int(config["kernel_size"]),
-        sharing=config["sharing"],
-        backend=config.get("backend"),
+    input_kind, output_kind = model_ends(config)
+    return SequenceRecommender(
+        V, int(config["d"]), _middle(config), input_kind, output_kind, config.get("cutoffs"),
+        float(config.get("div_value", 4.0)), bool(config.get("head_projection", False)), config.get("backend"),
     )
-    if kind == "nextitnet":
-        return NextItNet(V, **common)
-    if kind == "cprec":
-        return CpRec(
-            V, cutoffs=config["cutoffs"], div_value=float(config["div_value"]),
-            head_projection=bool(config.get("head_projection", False)), **common,
-        )
-    raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
 
 
 def parameter_table(config: dict) -> Dict[str, Dict[str, int]]:
-    """Parameter counts by part of a CpRec config and of the NextItNet with the same
-    d, dilations and vocabulary (sharing none): the compression ratio's terms."""
-    cprec = build_model({**config, "model": "cprec"}).num_parameters()
-    base = build_model({**config, "model": "nextitnet", "sharing": "none"}).num_parameters()
-    return {"nextitnet": base, "cprec": cprec}
+    """Parameter counts by part of a compressed config and of its uncompressed
+    baseline (same model, d and vocabulary, full ends; NextItNet without sharing for
+    CpRec): the compression ratio's terms. The compressed side defaults to
+    blockwise input and adaptive output."""
+    kind = config["model"]
+    if kind == "pop":
+        raise ValueError("the popularity model has no parameters to compare")
+    ends = {"input": config.get("input") or "blockwise", "output": config.get("output") or "adaptive"}
+    compressed = build_model({**config, **ends}).num_parameters()
+    base_kind = "nextitnet" if kind == "cprec" else kind
+    base_cfg = {**config, "model": base_kind, "input": "full", "output": "full"}
+    if base_kind == "nextitnet":
+        base_cfg["sharing"] = "none"
+    return {"baseline": build_model(base_cfg).num_parameters(), "compressed": compressed}
 
 
 def block_dilations_list(text: str) -> List[int]:

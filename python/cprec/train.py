@@ -22,10 +22,10 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator
-from .models import PopularityModel, Recommender, build_model
+from .models import PopularityModel, Recommender, build_model, model_ends
 
 SELECT_METRIC = "NDCG@10"
-DEFAULT_SHARING = {"cprec": "cross-block", "nextitnet": "none", "pop": "none"}
+DEFAULT_SHARING = {"cprec": "cross-block"}
 
 
 @dataclass
@@ -46,6 +46,11 @@ class TrainConfig:
     coverage: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
     div_value: float = 4.0
     head_projection: bool = False
+    input_layer: Optional[str] = None  # full | blockwise; None: the model's default
+    output_layer: Optional[str] = None  # full | adaptive; None: the model's default
+    num_layers: int = 2  # SASRec / GRU4Rec
+    num_heads: int = 1  # SASRec
+    dropout: float = 0.2  # SASRec / GRU4Rec
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -87,18 +92,29 @@ def resolve_cutoffs(cutoffs: Optional[List[int]], data: SequenceData, coverage: 
 
 def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
     """The plain dict ``build_model`` takes, with the data-dependent parts resolved."""
-    return {
+    mcfg = {
         "model": cfg.model,
         "num_items": data.num_items,
         "d": cfg.d,
         "block_dilations": list(cfg.block_dilations),
         "kernel_size": cfg.kernel_size,
         "sharing": cfg.sharing or DEFAULT_SHARING.get(cfg.model, "none"),
-        "cutoffs": resolve_cutoffs(cfg.cutoffs, data, cfg.coverage) if cfg.model == "cprec" else None,
+        "max_len": cfg.max_len,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "dropout": cfg.dropout,
+        "input": cfg.input_layer,
+        "output": cfg.output_layer,
+        "cutoffs": None,
         "div_value": cfg.div_value,
         "head_projection": cfg.head_projection,
         "backend": cfg.backend,
     }
+    if cfg.model != "pop":
+        mcfg["input"], mcfg["output"] = model_ends(mcfg)
+        if mcfg["input"] == "blockwise" or mcfg["output"] == "adaptive":
+            mcfg["cutoffs"] = resolve_cutoffs(cfg.cutoffs, data, cfg.coverage)
+    return mcfg
 
 
 @torch.no_grad()
@@ -213,7 +229,10 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         "history": state["history"],
     }
     if out_dir is not None:
-        save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), out_dir / "checkpoint.pt")
+        if not model.trainable:
+            # Trained models' checkpoints are written after every epoch, holding the
+            # last weights (to resume from) and the best (to evaluate).
+            save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), out_dir / "checkpoint.pt")
         _write_json(out_dir / "metrics.json", result)
     return result
 
