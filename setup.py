@@ -19,7 +19,8 @@ def _cpu_sources():
 
 
 def _extensions():
-    """-> (ext_modules, cmdclass): the cpu backend ``cprec_kernels._C``.
+    """-> (ext_modules, cmdclass): the cpu backend ``cprec_kernels._C``, plus the cuda
+    backend ``cprec_kernels._C_cuda`` where ``_cuda_extension`` can build it.
 
     OpenMP drives ``at::parallel_for``; ``CPREC_NATIVE=1`` adds ``-march=native`` for a
     machine-local build (off by default so a built wheel runs on any x86-64).
@@ -39,7 +40,43 @@ def _extensions():
         extra_compile_args={"cxx": cflags},
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = [ext]
+    cuda_ext = _cuda_extension(csrc)
+    if cuda_ext is not None:
+        exts.append(cuda_ext)
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+# sm_80 (A100) and sm_90 (H100/H200) SASS; -gencode given here replaces torch's
+# TORCH_CUDA_ARCH_LIST defaults.
+CUDA_ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+
+def _cuda_extension(csrc):
+    """The CUDAExtension ``cprec_kernels._C_cuda`` (csrc/cuda: kernels + ATen glue), or None.
+
+    Built only when the installed torch is a CUDA build (``torch.version.cuda``) and
+    torch finds nvcc (``CUDA_HOME``: the environment variable, else nvcc on PATH, else
+    /usr/local/cuda): the CPU build of torch lacks the CUDA headers the glue needs.
+    Otherwise the cpu-only build is exactly what it was, and ``backend="cuda"`` raises a
+    RuntimeError that says why.
+    """
+    import torch
+
+    cuda_dir = os.path.join(csrc, "cuda")
+    if torch.version.cuda is None or not os.path.isdir(cuda_dir):
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return None
+    names = sorted(n for n in os.listdir(cuda_dir) if n.endswith((".cu", ".cpp")))
+    return CUDAExtension(
+        "cprec_kernels._C_cuda",
+        [os.path.join("csrc", "cuda", n) for n in names],
+        include_dirs=[csrc],
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3"] + CUDA_ARCH_FLAGS},
+    )
 
 
 ext_modules, cmdclass = _extensions()
