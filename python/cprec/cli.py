@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import distributed
 from .data import FORMATS, SPLITS, DataError, load_dataset
 from .checkpoint import CheckpointError
 from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
@@ -111,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=256, help="examples per evaluation batch (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--output", metavar="DIR", help="write metrics.json, train_log.jsonl and checkpoint.pt here")
-    g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --output)")
+    g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists, "
+                   "exactly where it stopped, mid-epoch included (needs --output)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="also write the checkpoint "
+                   "every N training steps, not only after each epoch (needs --output)")
+    g.add_argument("--distributed", action="store_true", help="data-parallel training over the processes "
+                   "torchrun starts (DDP; gloo on CPU, NCCL on GPU). --batch-size stays the global batch: each "
+                   "of N processes takes batch/N rows, so results match one process and --lr needs no change")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     _add_output_args(t)
 
@@ -146,7 +153,8 @@ def _train_config(args) -> TrainConfig:
         num_heads=args.num_heads, dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, eval_batch_size=args.eval_batch_size,
         limit_batches=args.limit_batches, device=args.device, backend=args.backend, output=args.output,
-        resume=args.resume, progress=not args.quiet,
+        resume=args.resume, checkpoint_every=args.checkpoint_every, distributed=args.distributed,
+        progress=not args.quiet,
     )
 
 
@@ -159,7 +167,13 @@ def _metrics_table(title_rows) -> str:
 
 
 def cmd_train(args) -> dict:
-    result = train(_train_config(args))
+    try:
+        result = train(_train_config(args))
+        main_process = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if not main_process:
+        return None
     if not args.json:
         p = result["params"]
         print(f"{result['model']} on {result['dataset']} ({result['split']}): {p['total']:,} parameters "
@@ -217,7 +231,7 @@ def cmd_params(args) -> dict:
 def _train_config_for_params(args) -> TrainConfig:
     for name, value in (("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
                         ("limit_batches", None), ("eval_batch_size", 1), ("device", "cpu"), ("output", None),
-                        ("resume", False), ("quiet", True)):
+                        ("resume", False), ("quiet", True), ("checkpoint_every", 0), ("distributed", False)):
         setattr(args, name, value)
     return _train_config(args)
 
@@ -236,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DataError, CheckpointError, ValueError, TypeError, RuntimeError) as err:
         print(f"cprec {args.command}: error: {err}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json and result is not None:
         print(json.dumps(result))
     return 0
 

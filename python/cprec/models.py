@@ -44,6 +44,10 @@ class Recommender(nn.Module):
         inputs, targets: [B, T] -> scalar."""
         raise NotImplementedError
 
+    def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """The training loss (what DistributedDataParallel wraps)."""
+        return self.loss(inputs, targets)
+
     def scores(self, inputs: Tensor) -> Tensor:
         """log p(item) after the last position.  inputs: [B, T] -> [B, V]."""
         raise NotImplementedError

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator
@@ -62,6 +64,8 @@ class TrainConfig:
     backend: Optional[str] = None
     output: Optional[str] = None
     resume: bool = False
+    checkpoint_every: int = 0  # also checkpoint every N training steps (0: once per epoch)
+    distributed: bool = False  # under torchrun: DDP over the processes
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -119,16 +123,25 @@ def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
 
 @torch.no_grad()
 def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, device=None) -> Dict[str, float]:
-    """Full-ranking metrics of the last position's target over all V items."""
+    """Full-ranking metrics of the last position's target over all V items.
+
+    Under ``torch.distributed`` each process ranks every N-th example and the metric
+    sums are all-reduced, so every process returns the metrics of all examples.
+    """
     device = device or next(iter(model.buffers()), torch.empty(0)).device
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
-    for start in range(0, len(examples), batch_size):
+    rank, world = distributed.rank(), distributed.world_size()
+    for start in range(rank * batch_size, len(examples), batch_size * world):
         inputs = torch.from_numpy(examples.inputs[start : start + batch_size]).to(device)
         targets = torch.from_numpy(examples.targets[start : start + batch_size, -1]).to(device)
         acc.add(model.scores(inputs).float(), targets)
     model.train(was_training)
+    if world > 1:
+        names = [f"{m}@{k}" for m in ("MRR", "HR", "NDCG") for k in acc.ks]
+        *sums, count = distributed.all_reduce_sum([acc.sums.get(n, 0.0) for n in names] + [acc.count], device)
+        acc.sums, acc.count = dict(zip(names, sums)), int(count)
     return acc.result()
 
 
@@ -155,6 +168,7 @@ def _checkpoint(cfg, mcfg, model, optimizer, state, data) -> dict:
         "counts": torch.as_tensor(data.counts),
         "progress": {k: v for k, v in state.items() if k != "best_model"},
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -170,7 +184,9 @@ def _restore(path: Path, cfg, mcfg, model, optimizer, state, say) -> None:
     state.update(ckpt["progress"])
     state["best_model"] = ckpt["best_model"]
     torch.set_rng_state(ckpt["torch_rng"])
-    say(f"resumed from {path} at epoch {state['epoch']}")
+    if ckpt.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    say(f"resumed from {path} at epoch {state['epoch'] + 1}, step {state['step']}")
 
 
 def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[str], None] = None) -> dict:
@@ -182,6 +198,12 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     say = say or (lambda msg: print(msg, file=sys.stderr))
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.distributed:
+        distributed.init(device.type)
+        device = distributed.local_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    main_process = distributed.is_main()
     if data is None:
         data = load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed)
     mcfg = model_config(cfg, data)
@@ -190,15 +212,20 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     log_path = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = out_dir / "train_log.jsonl"
+        log_path = out_dir / "train_log.jsonl" if main_process else None
     baseline = evaluate(PopularityModel(data.num_items, data.counts).to(device), data.test, cfg.eval_batch_size, device)
 
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None}
+    state = {
+        "epoch": 0, "step": 0, "global_step": 0, "epoch_loss": [0.0, 0.0], "best_score": -math.inf,
+        "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None,
+    }
     optimizer = None
     started = time.perf_counter()
     if model.trainable:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
+        if cfg.checkpoint_every and ckpt_path is None:
+            raise ValueError("--checkpoint-every needs --output (where checkpoint.pt goes)")
         if cfg.resume:
             if ckpt_path is None:
                 raise ValueError("--resume needs --output (the directory holding checkpoint.pt)")
@@ -228,7 +255,7 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         "train_seconds": round(time.perf_counter() - started, 2),
         "history": state["history"],
     }
-    if out_dir is not None:
+    if out_dir is not None and main_process:
         if not model.trainable:
             # Trained models' checkpoints are written after every epoch, holding the
             # last weights (to resume from) and the best (to evaluate).
@@ -238,27 +265,59 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
 
 
 def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say) -> None:
+    """Epochs of training from ``state`` (which a checkpoint may have restored
+    mid-epoch), validating and checkpointing as it goes."""
     n = len(data.train)
     inputs_all = torch.from_numpy(data.train.inputs)
     targets_all = torch.from_numpy(data.train.targets)
+    trainer = distributed.wrap(model, device)
+    world = distributed.world_size()
+    main_process = distributed.is_main()
+
+    def save() -> None:
+        if ckpt_path is not None and main_process:
+            save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), ckpt_path)
+
+    fail_at = int(os.environ.get("CPREC_FAIL_AT_STEP", "0"))  # crash drill for the restart tests
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
         t0 = time.perf_counter()
-        # Seeded per epoch, so a resumed run sees the same batches as an unbroken one.
+        # Seeded per epoch (and the same on every process), so a resumed run sees the
+        # same batches as an unbroken one; each process takes its slice of each batch.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         batches = order.split(cfg.batch_size)[: cfg.limit_batches]
+        if world > 1 and len(batches[-1]) < world:
+            batches = batches[:-1]  # too small to give every process a row
         model.train()
-        total, count = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, file=sys.stderr)
-        for step, idx in enumerate(bar):
-            loss = model.loss(inputs_all[idx].to(device), targets_all[idx].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower --lr")
+        bar = tqdm(
+            batches[state["step"] :], desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=state["step"],
+            total=len(batches), disable=not (cfg.progress and main_process), leave=False, file=sys.stderr,
+        )
+        for idx in bar:
+            idx = distributed.my_slice(idx)
+            inputs, targets = inputs_all[idx].to(device), targets_all[idx].to(device)
+            loss = trainer(inputs, targets)
+            count = (targets != model.pad).sum().item()
+            total_count, total_loss = distributed.all_reduce_sum([count, loss.item() * count], device)
+            if not math.isfinite(total_loss):
+                raise FloatingPointError(
+                    f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1}; lower --lr"
+                )
+            if world > 1:
+                # DDP averages gradients over processes: weigh each process's mean by its
+                # share of the tokens so the result is the global token mean.
+                loss = loss * (count * world / max(total_count, 1.0))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            state["step"] += 1
+            state["global_step"] += 1
+            state["epoch_loss"] = [state["epoch_loss"][0] + total_loss / max(total_count, 1.0), state["epoch_loss"][1] + 1]
+            bar.set_postfix(loss=f"{state['epoch_loss'][0] / state['epoch_loss'][1]:.4f}")
+            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                save()
+            if fail_at and state["global_step"] == fail_at and distributed.restart_count() == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
         valid = evaluate(model, data.valid, cfg.eval_batch_size, device)
         score = valid[SELECT_METRIC]
         improved = score > state["best_score"]
@@ -267,20 +326,20 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
             state["best_model"] = copy.deepcopy(model.state_dict())
         else:
             state["bad_epochs"] += 1
+        total, steps = state["epoch_loss"]
         record = {
             "epoch": epoch + 1,
-            "train_loss": total / max(count, 1),
+            "train_loss": total / max(steps, 1),
             "valid": valid,
             "seconds": round(time.perf_counter() - t0, 2),
             "improved": improved,
         }
         state["history"].append(record)
-        state["epoch"] = epoch + 1
+        state.update(epoch=epoch + 1, step=0, epoch_loss=[0.0, 0.0])
         _log_line(log_path, record)
-        if cfg.progress:
+        if cfg.progress and main_process:
             say(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  valid {SELECT_METRIC} {score:.4f}  ({record['seconds']} s)")
-        if ckpt_path is not None:
-            save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), ckpt_path)
+        save()
 
 
 def evaluate_checkpoint(path, data_path=None, device: str = "auto", batch_size: int = 256) -> dict:
