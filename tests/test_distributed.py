@@ -38,9 +38,10 @@ def _same_run(a, b, tol):
         assert b["test"][name] == pytest.approx(value, abs=tol)
 
 
-@pytest.mark.parametrize("sharing", ["cross-layer", "none"])
-def test_two_gloo_processes_match_one(sharing):
-    args = [*TINY, "--epochs", "2", "--limit-batches", "8", "--sharing", sharing]
+# Shared convs are used several times per forward: DDP must still reduce them once.
+@pytest.mark.parametrize("sharing,backend", [("cross-layer", "auto"), ("adjacent-block", "torch"), ("none", "auto")])
+def test_two_gloo_processes_match_one(sharing, backend):
+    args = [*TINY, "--epochs", "2", "--limit-batches", "8", "--sharing", sharing, "--backend", backend]
     single, _ = _cprec(args)
     double, _ = _cprec([*args, "--distributed"], torchrun=["--nproc_per_node", "2"])
     _same_run(single, double, 1e-4)
