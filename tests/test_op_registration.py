@@ -61,7 +61,7 @@ def test_model_compiles_fullgraph():
     ids = torch.randint(0, 41, (2, 6))
     target = torch.randint(0, 41, (2, 6))
     loss_eager, top_eager = step(ids, target)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     loss, top = compiled(ids, target)
     torch.testing.assert_close(loss, loss_eager)
     assert torch.equal(top, top_eager)
