@@ -111,3 +111,15 @@ def test_main_renders_from_json(make_report, results, tmp_path):
 def test_shown_command_elides_notes(make_report):
     shown = make_report.shown_command(["--note", "a long paragraph", "--threads", "1", "--note=x"])
     assert shown == 'python bench/make_report.py --note "..." --threads 1 --note="..."'
+
+
+def test_from_json_reuses_the_run_metadata(make_report, results, tmp_path):
+    pytest.importorskip("matplotlib")
+    env = dict(date="2026-01-02 03:04 UTC", device="CPU: test", torch="2.x", triton=None, commit="abc1234",
+               command="python bench/make_report.py", wall_s=99.0, load="1.00 / 2.00")
+    make_report.write_meta(results, env, ["1 row: too big"])
+    out = tmp_path / "out"
+    assert make_report.main(["--from-json", results, "--out-dir", str(out)]) == 0
+    text = (out / "RESULTS.md").read_text()
+    assert "on 2026-01-02 03:04 UTC (rendered again by" in text
+    assert "| wall time of the run | 99 s |" in text and "- 1 row: too big" in text

@@ -18,10 +18,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cprec_kernels as ck
 from cprec_kernels import backends
+from embedding_checks import dense_oracle, make_params, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,44 +104,6 @@ def test_compile_check_script():
 # --------------------------------------------------------------------------------------
 # correctness on a GPU
 # --------------------------------------------------------------------------------------
-def make_params(cutoffs, widths, d, dtype, head_projection, device="cuda"):
-    """Tables N(0, 1/d_j) and projections N(0, 1), so outputs are O(1). -> (weights, projections)."""
-    edges = [0] + list(cutoffs)
-    weights = [
-        (torch.randn(hi - lo, w, dtype=torch.float64) * w**-0.5).to(device, dtype).requires_grad_()
-        for lo, hi, w in zip(edges[:-1], edges[1:], widths)
-    ]
-    projections = [
-        torch.randn(d, w, dtype=torch.float64).to(device, dtype).requires_grad_() if j > 0 or head_projection else None
-        for j, w in enumerate(widths)
-    ]
-    return weights, projections
-
-
-def run(ids, weights, projections, cutoffs, padding_idx, grad, backend, **kwargs):
-    """-> (out, [grad of each table], [grad of each projection or None])."""
-    out = ck.blockwise_embedding(ids, weights, projections, cutoffs, padding_idx, backend=backend, **kwargs)
-    leaves = list(weights) + [p for p in projections if p is not None]
-    grads = iter(torch.autograd.grad(out, leaves, grad))
-    grad_w = [next(grads) for _ in weights]
-    grad_p = [None if p is None else next(grads) for p in projections]
-    return out, grad_w, grad_p
-
-
-def dense_oracle(ids, weights, projections, cutoffs, padding_idx, grad):
-    """The same op as one float64 lookup in the dense [V, d] matrix, grads by autograd."""
-    w64 = [w.detach().double().requires_grad_() for w in weights]
-    p64 = [None if p is None else p.detach().double().requires_grad_() for p in projections]
-    full = torch.cat([w if p is None else w @ p.t() for w, p in zip(w64, p64)])
-    flat = ids.reshape(-1).long()
-    keep = (flat >= 0) & (flat < cutoffs[-1])
-    if padding_idx is not None:
-        keep &= flat != padding_idx
-    out = (F.embedding(torch.where(keep, flat, 0), full) * keep[:, None]).reshape(*ids.shape, -1)
-    out.backward(grad.double())
-    return out, [w.grad for w in w64], [None if p is None else p.grad for p in p64]
-
-
 def assert_close(actual, expected, dtype, what, scale_factor=1.0):
     if expected is None:
         assert actual is None, what
@@ -162,7 +124,7 @@ def _triton_available() -> bool:
 
 def check(ids, cutoffs, widths, d, dtype=torch.float32, head_projection=False, padding_idx=None, **kwargs):
     """CUDA vs the reference (same dtype), the float64 dense oracle and Triton: out and grads."""
-    weights, projections = make_params(cutoffs, widths, d, dtype, head_projection)
+    weights, projections = make_params(cutoffs, widths, d, dtype, head_projection, device="cuda")
     grad = torch.randn(*ids.shape, d, dtype=torch.float64).to("cuda", dtype)
     got = run(ids, weights, projections, cutoffs, padding_idx, grad, "cuda", **kwargs)
     expected = [("reference", run(ids, weights, projections, cutoffs, padding_idx, grad, "torch", **kwargs), 1.0)]
@@ -291,7 +253,7 @@ def test_unchecked_out_of_range_ids_act_as_padding():
 def test_backward_is_deterministic(dtype):
     ids = (torch.randint(0, 60, (5000,)) % 9).cuda()  # many repeats in the head
     ids[::7] = torch.randint(20, 60, (len(ids[::7]),), device="cuda")
-    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, dtype, True)
+    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, dtype, True, device="cuda")
     grad = torch.randn(5000, 16, device="cuda").to(dtype)
     first = run(ids, weights, projections, CUTOFFS, None, grad, "cuda")
     second = run(ids, weights, projections, CUTOFFS, None, grad, "cuda")
@@ -304,7 +266,7 @@ def test_backend_functions_structure_and_empty_ids():
     from cprec_kernels import cuda as cuda_backend
     from cprec_kernels import reference
 
-    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, torch.float32, False)
+    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, torch.float32, False, device="cuda")
     weights = [w.detach() for w in weights]
     projections = [None if p is None else p.detach() for p in projections]
     ids = torch.tensor([[0, 7, 20], [41, 59, 6]], device="cuda")
@@ -322,7 +284,7 @@ def test_backend_functions_structure_and_empty_ids():
 
 @needs_cuda_backend
 def test_float64_is_refused_by_name():
-    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, torch.float64, False)
+    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, torch.float64, False, device="cuda")
     with pytest.raises(RuntimeError, match="float32, bfloat16 and float16"):
         ck.blockwise_embedding(torch.tensor([1, 2], device="cuda"), weights, projections, CUTOFFS, backend="cuda")
 

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from cprec.checkpoint import load_checkpoint
 

@@ -1,6 +1,5 @@
 """nn modules: PyTorch interop of AdaptiveSoftmax, the NextItNet block, sharing."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cprec_kernels.nn import AdaptiveSoftmax, BlockwiseEmbedding, CausalConv1d, NextItNetBlock

@@ -1,8 +1,6 @@
 """The ops are real custom ops: opcheck passes and a model compiles with fullgraph."""
-import pytest
 import torch
 
-import cprec_kernels as ck
 from cprec_kernels.nn import AdaptiveSoftmax, BlockwiseEmbedding, NextItNetBlock
 from helpers import make_adaptive
 
