@@ -97,6 +97,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "triton": ["triton>=3.2"],
+        "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
     ext_modules=ext_modules,
