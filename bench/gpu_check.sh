@@ -30,5 +30,10 @@ bench conv "32768-256"
 bench embedding "262144-1000000-256"
 bench adaptive_softmax "32768-1000000"
 
+# 3. whole models: training step and top-10 serving (V = 10k and 100k; 1M would not fit the lease)
+CPREC_BENCH_FULL=1 timeout 200 python -m pytest -q -rs bench/bench_models.py -k "not 1000000 and not compile" \
+    --benchmark-json="$OUT/models.json" 2>&1 | tail -5
+python bench/make_report.py --from-json "$OUT/models.json" --out-dir "$OUT" || true
+
 python bench/report.py "$OUT"/bench_*.json > "$OUT/table.md" 2>&1
 cat "$OUT/table.md"
