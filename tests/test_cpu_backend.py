@@ -304,6 +304,50 @@ def test_causal_conv1d_ln_relu(dtype, case, affine, residual):
     _compare(op, [x, w, b, lw, lb, res], dil, dtype=dtype)
 
 
+# The fused forward has two paths: Winograd F(2,3) (K = 3, C_in and C_out >= 32, B*T >= 64,
+# 2*dilation < T) and one GEMM + shifted-row epilogue (everything else). These cases are
+# wide enough to take them: sequence starts in every tile phase, odd widths (row tails
+# past the 8-lane loops), dilation not dividing T, 2*dilation >= T, dilation >= T, K = 4.
+FUSED_CASES = [(3, 37, 48, 40, 3, 1), (3, 37, 48, 40, 3, 5), (2, 64, 33, 35, 3, 7), (4, 33, 32, 32, 3, 2),
+               (2, 20, 40, 40, 3, 10), (2, 5, 40, 40, 3, 9), (3, 37, 48, 40, 4, 3), (2, 40, 36, 44, 2, 50)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("bias,affine,residual", [(True, True, True), (False, False, False)])
+def test_causal_conv1d_ln_relu_fused_forward_paths(dtype, case, bias, affine, residual):
+    torch.manual_seed(sum(case))
+    B, T, ci, co, K, dil = case
+    x = _wide_slice((B, T, ci), dtype)
+    w = torch.randn(co, ci, K, dtype=dtype) / (ci * K) ** 0.5
+    b = torch.randn(co, dtype=dtype) if bias else None
+    lw = torch.randn(co, dtype=dtype) if affine else None
+    lb = torch.randn(co, dtype=dtype) if affine else None
+    res = _wide_slice((B, T, co), dtype) if residual else None
+
+    def op(x, w, b, lw, lb, res, dilation, backend):
+        return ck.causal_conv1d_ln_relu(x, w, b, lw, lb, dilation, 1e-5, residual=res, backend=backend)
+
+    _compare(op, [x, w, b, lw, lb, res], dil, dtype=dtype)
+
+
+@needs_ext
+def test_causal_conv1d_ln_relu_fused_forward_thread_count_invariant():
+    from cprec_kernels import cpu
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 41, 64), torch.randn(64, 64, 3) / 14, torch.randn(64)
+    threads = torch.get_num_threads()
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        runs.append(cpu.causal_conv1d_ln_relu_forward(x, w, b, None, None, x, 3, 1e-5))
+    torch.set_num_threads(threads)
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
 # --------------------------------------------------------------------------------------
 # gradcheck and opcheck through the cpu backend
 # --------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@
 
 #include <cstring>
 #include <optional>
+#include <type_traits>
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 namespace cprec::cpu {
 
@@ -29,9 +33,30 @@ inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() &
 // The absent-gradient placeholder of the Python glue (an empty tensor).
 inline at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// The extension is built for baseline x86-64, where at::vec::Vectorized is its generic
+// code; the hottest float loops get an AVX2 version picked at run time.
+inline bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+__attribute__((target("avx2"))) inline void add_row_avx2(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), _mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] += src[i];
+}
+#define CPREC_HAVE_AVX2_ROWS 1
+#endif
+
 // dst[0:n] += src[0:n]
 template <typename T>
 inline void add_row(T* dst, const T* src, int64_t n) {
+#ifdef CPREC_HAVE_AVX2_ROWS
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx2()) return add_row_avx2(dst, src, n);
+  }
+#endif
   using Vec = at::vec::Vectorized<T>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(dst + i) + Vec::loadu(src + i)).store(dst + i);

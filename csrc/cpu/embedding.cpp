@@ -18,7 +18,9 @@
 // row are summed in token order (a fixed order, so the result is deterministic and
 // independent of the thread count), then
 //   grad_P_j = S_j^T @ E_j[rows_j]  [d, d_j],   grad_E_j[rows_j] = S_j @ P_j  [U_j, d_j]
-// where S_j: [U_j, d] are those sums (sum_n g_n @ P = (sum_n g_n) @ P).
+// where S_j: [U_j, d] are those sums (sum_n g_n @ P = (sum_n g_n) @ P). Each dense
+// table grad is written in one parallel pass over its rows (zeros for untouched rows,
+// fused with the scatter); an identity block's sums go straight into its table's grad.
 #include "cpu/common.h"
 #include "cpu/ops.h"
 
@@ -36,6 +38,7 @@ struct Plan {
   std::vector<int64_t> unique;            // [N] global index of the token's distinct row
   std::vector<std::vector<int64_t>> rows; // per block: its distinct local rows, first-seen order
   std::vector<int64_t> base;              // per block: global index of its first distinct row
+  std::vector<int32_t> seen;              // [V] slot of item v among its block's distinct rows, -1 if absent
   int64_t n_unique = 0;
 };
 
@@ -52,7 +55,8 @@ Plan make_plan(const at::Tensor& ids, at::IntArrayRef cutoffs, std::optional<int
   plan.unique.resize(plan.n_tokens);
   plan.rows.resize(n_blocks);
   // seen[v]: index of item v among its block's distinct rows, -1 if not seen yet.
-  std::vector<int32_t> seen(vocab, -1);
+  plan.seen.assign(vocab, -1);
+  auto& seen = plan.seen;
   for (int64_t n = 0; n < plan.n_tokens; ++n) {
     const int64_t v = id[n];
     if (padding_idx.has_value() && v == *padding_idx) {
@@ -121,23 +125,52 @@ void scatter_rows(const Plan& plan, const std::vector<const T*>& src, const std:
   });
 }
 
-// S[u] = sum of the grad rows of the tokens whose distinct row is u, in token order.
+// The tokens of each distinct row u, in token order: tokens[offsets[u] .. offsets[u+1]).
+struct Groups {
+  std::vector<int64_t> offsets, tokens;
+};
+
+Groups group_tokens(const Plan& plan) {
+  Groups g;  // a counting sort of the tokens by distinct row; token order kept
+  g.offsets.assign(plan.n_unique + 1, 0);
+  for (int64_t n = 0; n < plan.n_tokens; ++n)
+    if (plan.block[n] >= 0) ++g.offsets[plan.unique[n] + 1];
+  for (int64_t u = 0; u < plan.n_unique; ++u) g.offsets[u + 1] += g.offsets[u];
+  g.tokens.resize(g.offsets.back());
+  std::vector<int64_t> fill(g.offsets.begin(), g.offsets.end() - 1);
+  for (int64_t n = 0; n < plan.n_tokens; ++n)
+    if (plan.block[n] >= 0) g.tokens[fill[plan.unique[n]]++] = n;
+  return g;
+}
+
+// dst = sum of the grad rows of the tokens of distinct row u, in token order (so the
+// result does not depend on the thread count).
 template <typename T>
-void segment_sums(const Plan& plan, const T* grad, int64_t d, T* sums) {
-  // Counting sort of the tokens by distinct row: offsets + token lists, token order kept.
-  std::vector<int64_t> offsets(plan.n_unique + 1, 0);
-  for (int64_t n = 0; n < plan.n_tokens; ++n)
-    if (plan.block[n] >= 0) ++offsets[plan.unique[n] + 1];
-  for (int64_t u = 0; u < plan.n_unique; ++u) offsets[u + 1] += offsets[u];
-  std::vector<int64_t> tokens(offsets.back());
-  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-  for (int64_t n = 0; n < plan.n_tokens; ++n)
-    if (plan.block[n] >= 0) tokens[fill[plan.unique[n]]++] = n;
-  at::parallel_for(0, plan.n_unique, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      T* dst = sums + u * d;
-      copy_row(dst, grad + tokens[offsets[u]] * d, d);
-      for (int64_t i = offsets[u] + 1; i < offsets[u + 1]; ++i) add_row(dst, grad + tokens[i] * d, d);
+void sum_group(const Groups& g, int64_t u, const T* grad, int64_t d, T* dst) {
+  copy_row(dst, grad + g.tokens[g.offsets[u]] * d, d);
+  for (int64_t i = g.offsets[u] + 1; i < g.offsets[u + 1]; ++i) add_row(dst, grad + g.tokens[i] * d, d);
+}
+
+// S[u] for the distinct rows [u_begin, u_end) (rows of projected blocks).
+template <typename T>
+void segment_sums(const Groups& g, int64_t u_begin, int64_t u_end, const T* grad, int64_t d, T* sums) {
+  at::parallel_for(u_begin, u_end, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) sum_group(g, u, grad, d, sums + u * d);
+  });
+}
+
+// The dense grad of block j's table [rows, width] in ONE write pass (the zero fill
+// fused with the scatter): row r gets src(slot) for its distinct slot, zeros if the
+// block's tokens never touched it.
+template <typename T, typename Write>
+void fill_table(const Plan& plan, int64_t j, int64_t lo, int64_t rows, int64_t width, T* table, const Write& write) {
+  const int32_t* seen = plan.seen.data() + lo;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (seen[r] < 0)
+        zero_row(table + r * width, width);
+      else
+        write(seen[r], table + r * width);
     }
   });
 }
@@ -182,24 +215,42 @@ std::tuple<TensorVec, TensorVec> blockwise_embedding_backward(const at::Tensor& 
   const Plan plan = make_plan(ids, cutoffs, padding_idx);
   const int64_t d = output_dim(weights, projections);
   const auto grad = grad_out.reshape({plan.n_tokens, d}).to(weights[0].scalar_type()).contiguous();
+  const Groups groups = group_tokens(plan);
+  // Identity blocks sum straight into their table's grad; projected blocks need their
+  // sums S_j for two GEMMs (rows of identity blocks in `sums` are never touched).
   auto sums = at::empty({plan.n_unique, d}, grad.options());  // [U, d]
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "blockwise_embedding_backward", [&] {
-    segment_sums<scalar_t>(plan, grad.const_data_ptr<scalar_t>(), d, sums.data_ptr<scalar_t>());
-  });
   TensorVec grad_weights, grad_projections;
-  for (size_t j = 0; j < weights.size(); ++j) {
-    const auto rows = rows_tensor(plan.rows[j]);
-    const auto s = sums.narrow(0, plan.base[j], static_cast<int64_t>(plan.rows[j].size()));  // [U_j, d]
-    auto grad_table = at::zeros_like(weights[j], at::MemoryFormat::Contiguous);
-    if (has_projection(projections, j)) {
-      grad_projections.push_back(at::mm(s.t(), weights[j].index_select(0, rows)));  // [d, d_j]
-      grad_table.index_copy_(0, rows, at::mm(s, projections[j]));                  // [U_j, d_j]
-    } else {
-      grad_projections.push_back(absent(grad));
-      grad_table.index_copy_(0, rows, s);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "blockwise_embedding_backward", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    int64_t lo = 0;
+    for (size_t j = 0; j < weights.size(); ++j) {
+      const int64_t n_rows = weights[j].size(0), width = weights[j].size(1);
+      const int64_t u0 = plan.base[j], uj = static_cast<int64_t>(plan.rows[j].size());
+      auto grad_table = at::empty({n_rows, width}, grad.options());
+      scalar_t* gt = grad_table.data_ptr<scalar_t>();
+      if (has_projection(projections, j)) {
+        at::Tensor h;  // [U_j, d_j] = S_j @ P_j: the grad of each distinct table row
+        if (uj > 0) {
+          segment_sums<scalar_t>(groups, u0, u0 + uj, g, d, sums.data_ptr<scalar_t>());
+          const auto s = sums.narrow(0, u0, uj);  // [U_j, d]
+          const auto rows = rows_tensor(plan.rows[j]);
+          grad_projections.push_back(at::mm(s.t(), weights[j].index_select(0, rows)));  // [d, d_j]
+          h = at::mm(s, projections[j]).contiguous();
+        } else {
+          grad_projections.push_back(at::zeros_like(projections[j], at::MemoryFormat::Contiguous));
+        }
+        const scalar_t* hp = uj > 0 ? h.const_data_ptr<scalar_t>() : nullptr;
+        fill_table<scalar_t>(plan, j, lo, n_rows, width, gt,
+                             [&](int64_t slot, scalar_t* dst) { copy_row(dst, hp + slot * width, width); });
+      } else {
+        grad_projections.push_back(absent(grad));
+        fill_table<scalar_t>(plan, j, lo, n_rows, width, gt,
+                             [&](int64_t slot, scalar_t* dst) { sum_group(groups, u0 + slot, g, d, dst); });
+      }
+      grad_weights.push_back(grad_table);
+      lo += n_rows;
     }
-    grad_weights.push_back(grad_table);
-  }
+  });
   return {grad_weights, grad_projections};
 }
 
