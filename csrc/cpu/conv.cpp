@@ -165,11 +165,6 @@ void ln_relu_epilogue_backward(T* z, const T* grad, int64_t rows, int64_t C, con
 #define CPREC_HAVE_AVX2_PATH 1
 namespace avx2 {
 
-bool available() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -295,7 +290,7 @@ void wino_input_transform(const T* x, int64_t C, const WinoTiles& w, int64_t t_b
     }
 #ifdef CPREC_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<T, float>) {
-      if (avx2::available()) {
+      if (have_avx2()) {
         for (int i = 0; i < kWinoA; ++i) {
           float coef[kWinoA];
           const float* src[kWinoA];
@@ -337,7 +332,7 @@ void ln_relu_row(int64_t r, int64_t n, const T* coef, const T* const* src, int64
                  const T* b, const T* res, T* out, T* mean, T* rstd, double eps, T* z) {
 #ifdef CPREC_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (avx2::available()) {
+    if (have_avx2()) {
       const float m = avx2::combine_row(z, n, coef, src, bias, C) / float(C);
       const float rs = 1.f / std::sqrt(avx2::sq_dev(z, m, C) / float(C) + float(eps));
       mean[r] = m;
