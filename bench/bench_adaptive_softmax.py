@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, sizes, sync, zipf_ids
+from conftest import record as record_row
 
 import cprec_kernels
 from cprec_kernels.nn import AdaptiveSoftmax
@@ -136,11 +137,11 @@ def topk_step(impl: str, hidden, vocab: int):
 
 
 def record(benchmark, op: str, mode: str, impl: str, n: int, vocab: int, **extra) -> None:
-    benchmark.extra_info.update(
+    record_row(
+        benchmark,
         op=op,
         mode=mode,
         backend=impl,
-        device=str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(),
         dtype=str(DTYPE).replace("torch.", ""),
         rows=n,
         vocab=vocab,
@@ -149,8 +150,6 @@ def record(benchmark, op: str, mode: str, impl: str, n: int, vocab: int, **extra
         div=DIV,
         **extra,
     )
-    if DEVICE.type == "cuda":
-        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
 
 
 def run(benchmark, step) -> None:

@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, sizes, sync
+from conftest import DEVICE, record, sizes, sync
 
 import cprec_kernels as ck
 from cprec_kernels import backends
@@ -148,10 +148,8 @@ def test_conv(benchmark, op, passes, impl, tokens, d, dilation):
     benchmark.group = f"{op} {passes} tokens={tokens} d={d} dilation={dilation}"
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
     x = inputs["x"]
-    benchmark.extra_info.update(
-        op=op, passes=passes, backend=impl, device=str(DEVICE), dtype=str(DTYPE).replace("torch.", ""),
+    record(
+        benchmark, op=op, passes=passes, backend=impl, dtype=str(DTYPE).replace("torch.", ""),
         tokens=tokens, B=x.shape[0], T=x.shape[1], d=d, K=KERNEL_SIZE, dilation=dilation,
         gemm_flops=2 * tokens * KERNEL_SIZE * d * d * (3 if backward else 1),
     )
-    if DEVICE.type == "cuda":
-        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

@@ -16,7 +16,7 @@ Triton rows are skipped on CPU: the interpreter is not a code path worth timing.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, sizes, sync, zipf_ids
+from conftest import DEVICE, record, sizes, sync, zipf_ids
 
 import cprec_kernels
 from cprec_kernels.nn import block_width
@@ -111,11 +111,11 @@ def test_blockwise_embedding(benchmark, impl, n, vocab, d, dtype, backward):
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     benchmark(step)
-    benchmark.extra_info.update(
+    record(
+        benchmark,
         op="blockwise_embedding",
         mode="forward_backward" if backward else "forward",
         backend=impl,
-        device=str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(),
         dtype=str(dtype).replace("torch.", ""),
         tokens=n,
         vocab=vocab,
@@ -124,5 +124,3 @@ def test_blockwise_embedding(benchmark, impl, n, vocab, d, dtype, backward):
         div=DIV,
         **info,
     )
-    if DEVICE.type == "cuda":
-        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

@@ -36,3 +36,12 @@ def sync() -> None:
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def record(benchmark, **info) -> None:
+    """Name a row: ``info`` (op, backend, dtype, sizes, ...) plus the device and, on
+    CUDA, the peak memory since the caller's ``torch.cuda.reset_peak_memory_stats``."""
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else str(DEVICE)
+    benchmark.extra_info.update(device=device, **info)
+    if DEVICE.type == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
