@@ -62,6 +62,16 @@ def implementation(backend: str, function: str):
     return None
 
 
+def _auto_skips(backend: str, function: str) -> bool:
+    """Whether ``backend`` asks ``auto`` to leave ``function`` to others (a kernel
+    that measured slower than the reference), declared as ``AUTO_SKIP`` in its module."""
+    return any(
+        function in getattr(module, "AUTO_SKIP", ())
+        for module in map(_load, _MODULES[backend])
+        if module is not None
+    )
+
+
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (None if it can)."""
     if backend == "torch":
@@ -111,6 +121,8 @@ def resolve(backend: Optional[str], function: str, device: torch.device, dtype: 
         if candidate == "triton" and device.type != "cuda":
             continue
         if dtype == torch.float64 and candidate in _NO_AUTO_FLOAT64:
+            continue
+        if candidate != "torch" and _auto_skips(candidate, function):
             continue
         if _device_reason(candidate, device) is None and implementation(candidate, function) is not None:
             return candidate

@@ -61,3 +61,16 @@ def test_auto_leaves_float64_to_the_reference():
     cuda = torch.device("cuda")
     assert backends.resolve("auto", "causal_conv1d_forward", cuda, torch.float64) not in ("triton", "cuda")
     assert backends.resolve("auto", "causal_conv1d_forward", cuda, torch.float32) == "triton"
+
+
+def test_auto_skips_what_a_backend_declares_slower(monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(AUTO_SKIP=frozenset({"causal_conv1d_forward"}), causal_conv1d_forward=lambda *a: None,
+                                 blockwise_embedding_forward=lambda *a: None)
+    monkeypatch.setitem(backends._MODULES, "cpu", ("fake_cpu_backend",))
+    monkeypatch.setattr(backends, "_loaded", {"fake_cpu_backend": fake})
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", "causal_conv1d_forward", cpu) == "torch"
+    assert backends.resolve("auto", "blockwise_embedding_forward", cpu) == "cpu"
+    assert backends.resolve("cpu", "causal_conv1d_forward", cpu) == "cpu"  # asked for by name: it runs
