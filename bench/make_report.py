@@ -305,6 +305,24 @@ def _ratio_formatter(minor: bool = False):
     return FuncFormatter(fmt)
 
 
+def _style_panel(ax, rows: List[dict], panel: tuple, ylabel: str, legend_size: int) -> None:
+    """Log-log axes over the vocabulary sizes of the run, labels, title, legend, grid."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(*_xlim(rows))
+    ax.set_xlabel("vocabulary size V")
+    ax.set_ylabel(ylabel)
+    ax.set_title(_title(*panel), fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_speedup(rows: List[dict], path: str) -> None:
     """Speedup over NextItNet eager vs V, one panel per (device, mode, batch)."""
     plt = _pyplot()
@@ -320,19 +338,10 @@ def plot_speedup(rows: List[dict], path: str) -> None:
         if unpaired:
             ax.text(0.02, 0.98, "no NextItNet row at V = " + ", ".join(map(_vocab, unpaired)),
                     transform=ax.transAxes, ha="left", va="top", fontsize=7, color="grey")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(*_xlim(rows))
         ax.yaxis.set_major_formatter(_ratio_formatter())
         ax.yaxis.set_minor_formatter(_ratio_formatter(minor=True))
-        ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("speedup vs NextItNet eager")
-        ax.set_title(_title(device, mode, batch), fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style_panel(ax, rows, (device, mode, batch), "speedup vs NextItNet eager", legend_size=7)
+    _save(plt, fig, path)
 
 
 def plot_memory(rows: List[dict], path: str) -> None:
@@ -351,17 +360,8 @@ def plot_memory(rows: List[dict], path: str) -> None:
             points = sorted({xy for impl, (xs, ys) in state.items() if impl.startswith(model) for xy in zip(xs, ys)})
             if points:
                 ax.plot(*zip(*points), marker="x", ls="--", color=color, label=f"{model} state")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(*_xlim(rows))
-        ax.set_xlabel("vocabulary size V")
-        ax.set_ylabel("MB")
-        ax.set_title(_title(device, mode, batch), fontsize=9)
-        ax.legend(fontsize=6)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style_panel(ax, rows, (device, mode, batch), "MB", legend_size=6)
+    _save(plt, fig, path)
 
 
 # --------------------------------------------------------------------------------------

@@ -50,11 +50,12 @@ def check_tensor(
 def check_cutoffs(cutoffs, name: str = "cutoffs") -> list:
     """``cutoffs = [c1, ..., V]``: positive, strictly increasing Python ints."""
     try:
-        values = [int(c) for c in cutoffs]
+        items = list(cutoffs)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of ints, got {type(cutoffs).__name__}") from None
-    if any(not isinstance(c, int) and not (isinstance(c, torch.SymInt)) for c in cutoffs):
-        raise TypeError(f"{name} must hold ints, got {list(cutoffs)}")
+    if any(isinstance(c, bool) or not isinstance(c, (int, torch.SymInt)) for c in items):
+        raise TypeError(f"{name} must hold ints, got {items}")
+    values = [int(c) for c in items]
     if not values:
         raise ValueError(f"{name} must not be empty; give at least [V]")
     if values[0] <= 0 or any(b <= a for a, b in zip(values, values[1:])):

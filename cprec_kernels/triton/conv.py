@@ -107,6 +107,21 @@ def _load_vector(ptr, offs, n, PRESENT: tl.constexpr, default):
 
 
 @triton.jit
+def _conv_tile(
+    x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    MMA: tl.constexpr,
+):
+    """Pre-norm conv output z = conv(x) + bias for tokens offs_m x channels offs_n, in
+    fp32: the forward's epilogue input, which the backward recomputes rather than saves."""
+    z = _shifted_gemm(
+        x_ptr, w_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation, 1,
+        BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+    )
+    return z + _load_vector(bias_ptr, offs_n, Co, HAS_BIAS, 0.0).to(z.dtype)[None, :]
+
+
+@triton.jit
 def _shifted_gemm_kernel(
     src_ptr, w_ptr, bias_ptr, out_ptr, M, T, R, N, K, k_start, dilation, direction,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -136,11 +151,10 @@ def _conv_ln_relu_fwd_kernel(
     """One program: BLOCK_M tokens x all Co channels; conv, then the LN/ReLU epilogue."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    z = _shifted_gemm(
-        x_ptr, w_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation, 1,
-        BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+    z = _conv_tile(
+        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
     )
-    z += _load_vector(bias_ptr, offs_n, Co, HAS_BIAS, 0.0).to(z.dtype)[None, :]
     row_ok = offs_m < M
     col_ok = (offs_n < Co)[None, :]
     mean = tl.sum(z, axis=1) / Co  # padded columns hold exact zeros
@@ -172,11 +186,10 @@ def _conv_ln_relu_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    z = _shifted_gemm(
-        x_ptr, w_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation, 1,
-        BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+    z = _conv_tile(
+        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
     )
-    z += _load_vector(bias_ptr, offs_n, Co, HAS_BIAS, 0.0).to(z.dtype)[None, :]
     row_ok = offs_m < M
     col_ok = offs_n < Co
     mask = row_ok[:, None] & col_ok[None, :]

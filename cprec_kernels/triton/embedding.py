@@ -181,6 +181,16 @@ def _project_grads(
 
 
 @triton.jit
+def _chunk_program(bounds_ptr, block, D_J: tl.constexpr, BLOCK_J: tl.constexpr):
+    """-> (chunk, column tile, block start in the sorted order, block length) of this
+    program. Column tiles of a chunk are neighbouring programs (shared rows stay in L2)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tiles = (D_J + BLOCK_J - 1) // BLOCK_J
+    start = tl.load(bounds_ptr + block)
+    return pid // tiles, pid % tiles, start, tl.load(bounds_ptr + block + 1) - start
+
+
+@triton.jit
 def _table_grad_kernel(
     grad_ptr, keys_ptr, order_ptr, bounds_ptr, proj, grad_table, first_part, last_part, block, lo,
     D: tl.constexpr, D_J: tl.constexpr, HAS_PROJ: tl.constexpr,
@@ -192,11 +202,7 @@ def _table_grad_kernel(
     each block in the sorted order. first_part/last_part: [n_chunks, D_J] partial sums of
     the chunk's first and last run, for ``_run_carry_kernel``.
     """
-    pid = tl.program_id(0).to(tl.int64)  # column tiles of a chunk are neighbours (shared rows in L2)
-    pid_c = pid // ((D_J + BLOCK_J - 1) // BLOCK_J)
-    pid_j = pid % ((D_J + BLOCK_J - 1) // BLOCK_J)
-    start = tl.load(bounds_ptr + block)
-    count = tl.load(bounds_ptr + block + 1) - start
+    pid_c, pid_j, start, count = _chunk_program(bounds_ptr, block, D_J, BLOCK_J)
     q0 = pid_c * CHUNK
     if q0 < count:
         offs = tl.arange(0, CHUNK)
@@ -236,11 +242,7 @@ def _run_carry_kernel(
 ):
     """The row of a run that starts in this chunk and spills into the next ones:
     its partial here plus the first-run partials of the following chunks it covers."""
-    pid = tl.program_id(0).to(tl.int64)  # column tiles of a chunk are neighbours (shared rows in L2)
-    pid_c = pid // ((D_J + BLOCK_J - 1) // BLOCK_J)
-    pid_j = pid % ((D_J + BLOCK_J - 1) // BLOCK_J)
-    start = tl.load(bounds_ptr + block)
-    count = tl.load(bounds_ptr + block + 1) - start
+    pid_c, pid_j, start, count = _chunk_program(bounds_ptr, block, D_J, BLOCK_J)
     q0 = pid_c * CHUNK
     if q0 + CHUNK < count:
         last_key = tl.load(keys_ptr + start + q0 + CHUNK - 1).to(tl.int64)

@@ -295,9 +295,11 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
         )
         for idx in bar:
             idx = distributed.my_slice(idx)
-            inputs, targets = inputs_all[idx].to(device), targets_all[idx].to(device)
+            batch_targets = targets_all[idx]
+            # Counted on the host copy: no device sync just to count tokens.
+            count = int((batch_targets != model.pad).sum())
+            inputs, targets = inputs_all[idx].to(device), batch_targets.to(device)
             loss = trainer(inputs, targets)
-            count = (targets != model.pad).sum().item()
             total_count, total_loss = distributed.all_reduce_sum([count, loss.item() * count], device)
             if not math.isfinite(total_loss):
                 raise FloatingPointError(
