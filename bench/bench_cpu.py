@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cprec_kernels as ck
+from cprec_kernels.nn import CausalConv1d, NextItNetBlock, every_nth_from_end, input_stride, last_position
 from conftest import sizes, zipf_ids
 
 try:
@@ -93,8 +94,11 @@ def test_blockwise_embedding_fwd_bwd(benchmark, impl, n, vocab, d):
     "n,d,vocab,cutoffs",
     sizes([(512, 64, 10_000, [200, 1_000, 5_000])], [(4096, 256, 100_000, [2_000, 10_000, 50_000])]),
 )
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["head-gemm-floor"])
 def test_adaptive_softmax_loss_fwd_bwd(benchmark, impl, n, d, vocab, cutoffs):
+    """``head-gemm-floor`` times only the three head GEMMs every exact implementation
+    does (logits h Wh^T, grad_h = G Wh, grad_Wh = G^T h, for all N rows): no
+    implementation can beat it, which bounds the speedup over the eager module."""
     torch.manual_seed(0)
     module = torch.nn.AdaptiveLogSoftmaxWithLoss(d, vocab, cutoffs, div_value=4.0)
     hidden = torch.randn(n, d, requires_grad=True)
@@ -104,6 +108,11 @@ def test_adaptive_softmax_loss_fwd_bwd(benchmark, impl, n, d, vocab, cutoffs):
     run = _compiled(module) if impl == "compile" else module
 
     def step():
+        if impl == "head-gemm-floor":
+            w = module.head.weight.detach()
+            g = torch.mm(hidden.detach(), w.t())
+            torch.mm(g, w), torch.mm(g.t(), hidden.detach())
+            return
         if impl == "cpu":
             loss = ck.adaptive_softmax_loss(hidden, target, module.head.weight, module.head.bias, projs, tails,
                                             cutoffs + [vocab], backend="cpu")
@@ -179,29 +188,36 @@ def eager_conv_ln_relu_z(x, w, b, dilation):
 
 class CpRecCpu(torch.nn.Module):
     """CpRec on the cpu backend: block-wise embedding, fused conv layers (cross-layer
-    sharing), adaptive softmax top-k that never builds the [1, V] scores."""
+    sharing), adaptive softmax top-k that never builds the [1, V] scores. ``forward``
+    evaluates only the positions the last one depends on (``last_position``);
+    ``full_history`` runs the convs over all T positions as training does."""
 
-    def __init__(self, vocab, d, dilations):
+    def __init__(self, vocab, d, dilations, full_history=False):
         super().__init__()
         cutoffs = _cutoffs(vocab)
-        self.cutoffs = cutoffs
+        self.cutoffs, self.full_history = cutoffs, full_history
         w, p, _ = _embedding_params(vocab, d)
         self.emb_w = [t.detach() for t in w]
         self.emb_p = [None if t is None else t.detach() for t in p]
-        self.dilations = dilations
-        self.conv_w, self.conv_b = torch.randn(d, d, 3) / (3 * d) ** 0.5, torch.zeros(d)
-        self.ln = [(torch.ones(d), torch.zeros(d)) for _ in range(2 * len(dilations))]
+        conv = CausalConv1d(d, d, 3)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(d, d, 3) / (3 * d) ** 0.5)
+            conv.bias.zero_()
+        self.blocks = torch.nn.ModuleList(
+            NextItNetBlock(d, dil, conv1=conv, conv2=conv, eps=1e-8, backend="cpu") for dil in dilations
+        )
+        self.conv = conv
         self.softmax = torch.nn.AdaptiveLogSoftmaxWithLoss(d, vocab, cutoffs[:-1], div_value=4.0)
 
     def trunk(self, ids):
+        if self.full_history:
+            x = ck.blockwise_embedding(ids, self.emb_w, self.emb_p, self.cutoffs, backend="cpu")
+            for block in self.blocks:
+                x = block(x)
+            return x[:, -1]
+        ids = every_nth_from_end(ids, input_stride(self.blocks))
         x = ck.blockwise_embedding(ids, self.emb_w, self.emb_p, self.cutoffs, backend="cpu")
-        for i, dil in enumerate(self.dilations):
-            lw1, lb1 = self.ln[2 * i]
-            lw2, lb2 = self.ln[2 * i + 1]
-            h = ck.causal_conv1d_ln_relu(x, self.conv_w, self.conv_b, lw1, lb1, dil, 1e-8, backend="cpu")
-            x = ck.causal_conv1d_ln_relu(h, self.conv_w, self.conv_b, lw2, lb2, 2 * dil, 1e-8, residual=x,
-                                         backend="cpu")
-        return x[:, -1]
+        return last_position(self.blocks, x, strided=True)
 
     def forward(self, ids, k):
         s = self.softmax
@@ -212,17 +228,22 @@ class CpRecCpu(torch.nn.Module):
 @pytest.mark.parametrize("vocab,d,t", sizes([(10_000, 64, 50)], [(100_000, 256, 50)]))
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("part", ["output", "model"])
-@pytest.mark.parametrize("impl", ["cprec-cpu", "nextitnet-eager"])
+@pytest.mark.parametrize("impl", ["cprec-cpu", "cprec-cpu-full-history", "nextitnet-eager"])
 def test_single_request_top10(benchmark, impl, part, threads, vocab, d, t):
     """``output``: the last hidden state -> top-10 only; ``model``: ids -> top-10
     through 4 residual blocks (dilations 1, 2, 4, 8)."""
+    if part == "output" and impl == "cprec-cpu-full-history":
+        pytest.skip("the same output layer as cprec-cpu")
     torch.manual_seed(0)
     dilations = [1, 2, 4, 8]
-    model = (CpRecCpu if impl == "cprec-cpu" else NextItNetEager)(vocab, d, dilations).eval()
+    if impl == "nextitnet-eager":
+        model = NextItNetEager(vocab, d, dilations).eval()
+    else:
+        model = CpRecCpu(vocab, d, dilations, full_history=impl.endswith("full-history")).eval()
     ids = zipf_ids(t, vocab, device="cpu").unsqueeze(0)  # one user: [1, T]
     with torch.no_grad():
         hidden = model.trunk(ids)  # [1, d]
-    if impl == "cprec-cpu":
+    if impl.startswith("cprec-cpu"):
         s = model.softmax
         head = (s.head.weight, s.head.bias, [x[0].weight for x in s.tail], [x[1].weight for x in s.tail])
         output = lambda: ck.adaptive_topk(hidden, *head, model.cutoffs, 10, backend="cpu")  # noqa: E731

@@ -101,13 +101,14 @@ def test_bad_arguments_exit_cleanly(capsys, tmp_path):
 
 
 def test_help_of_every_command():
-    for command in ([], ["train"], ["evaluate"], ["params"]):
+    for command in ([], ["train"], ["evaluate"], ["params"], ["compare"]):
         out = subprocess.run(
             [sys.executable, "-m", "cprec", *command, "--help"], capture_output=True, text=True, check=True
         ).stdout
         assert "usage: cprec" in out
     train_help = subprocess.run([sys.executable, "-m", "cprec", "train", "--help"], capture_output=True, text=True).stdout
-    for flag in ("--data", "--model", "--sharing", "--cutoffs", "--epochs", "--output", "--resume", "--json", "--backend"):
+    for flag in ("--data", "--model", "--sharing", "--cutoffs", "--epochs", "--output", "--resume", "--json", "--backend",
+                 "--objective", "--tie-embeddings"):
         assert flag in train_help
 
 

@@ -1,4 +1,5 @@
 """nn modules: PyTorch interop of AdaptiveSoftmax, the NextItNet block, sharing."""
+import pytest
 import torch
 from torch import nn
 
@@ -58,3 +59,48 @@ def test_blockwise_embedding_module_widths_and_padding():
     assert emb.head_projection is None and [tuple(p.shape) for p in emb.tail_projections] == [(16, 4), (16, 1)]
     out = emb(torch.tensor([[30, 0, 29]]))
     assert out.shape == (1, 3, 16) and out[0, 0].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------
+# last_position: the serving path evaluates only the positions the last one depends on
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dilations,T", [([1, 2, 4, 8], 50), ([1, 4, 1, 4], 23), ([3, 6], 17), ([2], 1), ([8, 1], 9)])
+def test_last_position_is_the_full_stack_at_the_last_position(dilations, T):
+    from cprec_kernels.nn import NextItNetBlock, last_position
+
+    torch.manual_seed(T)
+    C = 6
+    shared = NextItNetBlock(C, 1).double()
+    blocks = [NextItNetBlock(C, d, conv1=shared.conv1, conv2=shared.conv2).double() for d in dilations]
+    for b in blocks:  # LayerNorm affine params away from 1 / 0, so a wrong row shows
+        torch.nn.init.normal_(b.ln1.weight), torch.nn.init.normal_(b.ln2.bias)
+    x = torch.randn(3, T, C, dtype=torch.float64)
+    x[1, : T // 2] = 0  # a left-padded history
+    full = x
+    for b in blocks:
+        full = b(full)
+    torch.testing.assert_close(last_position(blocks, x), full[:, -1], rtol=1e-12, atol=1e-12)
+
+
+def test_last_position_evaluates_fewer_positions(monkeypatch):
+    from cprec_kernels import nn as cnn
+
+    seen = []
+    real = cnn.causal_conv1d_ln_relu
+    monkeypatch.setattr(cnn, "causal_conv1d_ln_relu", lambda x, *a, **k: seen.append(x.shape[1]) or real(x, *a, **k))
+    blocks = [cnn.NextItNetBlock(4, d) for d in (1, 2, 4, 8)]
+    with torch.no_grad():
+        cnn.last_position(blocks, torch.randn(1, 50, 4))
+    assert sum(seen) == 144 and len(seen) == 8  # against 8 * 50 = 400 for the whole history
+
+
+def test_model_scores_use_the_last_position_path():
+    from cprec.models import CpRec
+
+    torch.manual_seed(0)
+    model = CpRec(40, [10, 25, 40], d=8, block_dilations=[1, 4, 1, 4]).double().eval()
+    ids = torch.randint(0, 41, (4, 30))
+    with torch.no_grad():
+        full = model.output_layer.log_prob(model.hidden(ids)[:, -1])
+        torch.testing.assert_close(model.scores(ids), full)
+        torch.testing.assert_close(model.recommend(ids, 5)[1], torch.topk(full, 5)[1])

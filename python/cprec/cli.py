@@ -11,7 +11,7 @@ from .data import FORMATS, SPLITS, DataError, load_dataset
 from .checkpoint import CheckpointError
 from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
 from .sharing import SCHEMES
-from .train import DEFAULT_SHARING, TrainConfig, evaluate_checkpoint, model_config, train
+from .train import DEFAULT_SHARING, OBJECTIVES, TrainConfig, evaluate_checkpoint, model_config, train
 
 
 def _int_list(text: str) -> List[int]:
@@ -76,6 +76,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--div-value", type=float, default=4.0, help="block j has width d / div**j (default: %(default)s)")
     g.add_argument("--head-projection", action="store_true", help="give the head block of the input "
                    "embedding a projection too")
+    g.add_argument("--tie-embeddings", action="store_true", help="the output softmax reuses the input "
+                   "embedding's item vectors (full input and output layers only)")
     g.add_argument("--num-layers", type=int, default=2, help="sasrec/gru4rec: attention blocks or GRU layers (default: %(default)s)")
     g.add_argument("--num-heads", type=int, default=1, help="sasrec: attention heads (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=0.2, help="sasrec/gru4rec: dropout rate (default: %(default)s)")
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     _add_model_args(t)
     g = t.add_argument_group("training")
+    g.add_argument("--objective", choices=OBJECTIVES, default="every",
+                   help="every: next-item loss at every position of each training window (NextItNet's); "
+                   "last: loss at the last position only, over every prefix of each history (what many "
+                   "recommender libraries do; about max-len times the compute per epoch) (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=20, help="most epochs to train (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="training windows per batch (default: %(default)s)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
@@ -140,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-items", type=int, default=None, help="vocabulary size V instead of reading --data "
                    "(then --cutoffs is required)")
     _add_output_args(p)
+
+    c = sub.add_parser("compare", help="train a list of configs with several seeds and tabulate parameters "
+                       "against accuracy",
+                       description="Train every (run, seed) of a JSON study spec that has not finished yet "
+                       "(interrupted runs resume from their checkpoint), then write results.md, results.csv and "
+                       "ndcg_vs_params.png: parameters by part, compression against the spec's baseline, "
+                       "MRR/HR/NDCG@5/10/20 as mean and std over seeds, seconds per epoch. The spec format is in "
+                       "docs/accuracy.md and in the docstring of cprec.compare.")
+    c.add_argument("spec", help="the study's JSON spec (data, split, seeds, baseline, common options, runs)")
+    c.add_argument("--output", metavar="DIR", help="where runs/ and the tables go (default: the spec's folder)")
+    c.add_argument("--data", metavar="PATH", help="read the data from here instead of the spec's 'data'")
+    c.add_argument("--workers", type=int, default=1, help="runs trained at once, each in its own process "
+                   "(default: %(default)s)")
+    c.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPU cores / "
+                   "workers)")
+    c.add_argument("--report-only", action="store_true", help="train nothing; write the tables from the runs "
+                   "finished so far")
+    _add_output_args(c)
     return parser
 
 
@@ -148,7 +172,8 @@ def _train_config(args) -> TrainConfig:
         model=args.model, data=args.data, format=args.format, split=args.split, max_len=args.max_len,
         seed=args.seed, d=args.dim, block_dilations=args.dilations, kernel_size=args.kernel_size,
         sharing=args.sharing, cutoffs=args.cutoffs, coverage=args.coverage, div_value=args.div_value,
-        head_projection=args.head_projection, input_layer=args.input_layer, output_layer=args.output_layer, num_layers=args.num_layers,
+        head_projection=args.head_projection, tie_embeddings=args.tie_embeddings,
+        objective=args.objective, input_layer=args.input_layer, output_layer=args.output_layer, num_layers=args.num_layers,
         num_heads=args.num_heads, dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, eval_batch_size=args.eval_batch_size,
         limit_batches=args.limit_batches, device=args.device, backend=args.backend, output=args.output,
@@ -228,19 +253,29 @@ def cmd_params(args) -> dict:
 
 
 def _train_config_for_params(args) -> TrainConfig:
-    for name, value in (("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
+    for name, value in (("objective", "every"), ("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
                         ("limit_batches", None), ("eval_batch_size", 1), ("device", "cpu"), ("output", None),
                         ("resume", False), ("quiet", True), ("checkpoint_every", 0), ("distributed", False)):
         setattr(args, name, value)
     return _train_config(args)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "params": cmd_params}
+def cmd_compare(args) -> dict:
+    from .compare import main_compare
+
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--workers and --threads must be >= 1")
+    return main_compare(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "params": cmd_params, "compare": cmd_compare}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the command's own arguments, for the report's exact command line
     if args.command is None:
         parser.print_help()
         return 2

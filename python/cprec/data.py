@@ -185,6 +185,42 @@ class Examples:
 
 
 @dataclass
+class Prefixes:
+    """Every prefix of every training sequence as one example (the last-position
+    objective): predict ``items[g]`` from the up to ``max_len`` items before it in its
+    sequence, for each flat position ``g`` in ``positions``. Batches are cut on demand,
+    so the [n, max_len] inputs never exist at once."""
+
+    items: np.ndarray  # the training sequences, concatenated
+    starts: np.ndarray  # for each flat position, where its sequence starts
+    positions: np.ndarray  # flat positions that have at least one item before them
+    max_len: int
+    pad: int
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batch(self, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """-> (inputs [b, max_len] left-padded with pad, targets [b])."""
+        g = self.positions[idx]
+        cols = g[:, None] - self.max_len + np.arange(self.max_len)
+        inside = cols >= self.starts[g][:, None]
+        return np.where(inside, self.items[np.maximum(cols, 0)], self.pad), self.items[g]
+
+
+def _prefixes(parts: List[np.ndarray], max_len: int, pad: int) -> Prefixes:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return Prefixes(empty, empty, empty, max_len, pad)
+    items = np.concatenate(parts)
+    lengths = np.array([len(p) for p in parts])
+    seq_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    positions = np.flatnonzero(np.arange(len(items)) > seq_start)
+    return Prefixes(items, seq_start, positions, max_len, pad)
+
+
+@dataclass
 class SequenceData:
     """A dataset ready for training: re-indexed sequences and their splits."""
 
@@ -198,6 +234,7 @@ class SequenceData:
     split: str
     max_len: int
     stats: Dict[str, int] = field(default_factory=dict)
+    prefixes: Optional[Prefixes] = None  # the training sequences as prefix examples
 
     @property
     def pad(self) -> int:
@@ -293,8 +330,9 @@ def build_dataset(
     def ids(s: List[str]) -> np.ndarray:
         return np.fromiter((index[t] for t in s), dtype=np.int64, count=len(s))
 
-    counts = np.bincount(np.concatenate([ids(s) for s in train_parts if s]), minlength=V)
-    train = _stack([w for s in train_parts for w in _windows(ids(s), max_len, V)], max_len)
+    train_ids = [ids(s) for s in train_parts]
+    counts = np.bincount(np.concatenate(train_ids), minlength=V)
+    train = _stack([w for s in train_ids for w in _windows(s, max_len, V)], max_len)
     if split == "leave-one-out":
         valid = _stack([_eval_example(ids(h), index[t], max_len, V) for h, t, _, _ in held], max_len)
         test = _stack([_eval_example(ids(h), index[t], max_len, V) for _, _, h, t in held], max_len)
@@ -316,7 +354,8 @@ def build_dataset(
         "valid_examples": len(valid),
         "test_examples": len(test),
     }
-    return SequenceData(name, V, tokens, counts, train, valid, test, split, max_len, stats)
+    return SequenceData(name, V, tokens, counts, train, valid, test, split, max_len, stats,
+                        _prefixes(train_ids, max_len, V))
 
 
 def load_dataset(

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cprec_kernels.nn import AdaptiveSoftmax, BlockwiseEmbedding, CausalConv1d, NextItNetBlock
+from cprec_kernels.nn import (
+    AdaptiveSoftmax,
+    BlockwiseEmbedding,
+    CausalConv1d,
+    NextItNetBlock,
+    every_nth_from_end,
+    input_stride,
+    last_position,
+)
 from cprec_kernels.reference import mask_excluded
 
 from .sharing import layer_map
@@ -40,8 +48,9 @@ class Recommender(nn.Module):
         return self.num_items
 
     def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-item NLL over the positions whose target is not padding.
-        inputs, targets: [B, T] -> scalar."""
+        """Mean next-item NLL over the targets that are not padding.
+        inputs: [B, T]; targets: [B, T] (every position) or [B] (the last position
+        only) -> scalar."""
         raise NotImplementedError
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -117,6 +126,22 @@ class ResidualStack(nn.Module):
         return x
 
 
+class TiedOutput(nn.Module):
+    """Full softmax whose item vectors are the input embedding's rows (tied
+    embeddings): logits = h E[:V]^T + b; only the bias is its own parameter.
+    h: [N, d] -> [N, V]."""
+
+    def __init__(self, embedding: nn.Embedding, num_items: int) -> None:
+        super().__init__()
+        # Held in a tuple so the embedding is not a submodule here: its parameters
+        # belong to (and are counted once in) the input layer.
+        self._embedding = (embedding,)
+        self.bias = nn.Parameter(torch.zeros(num_items))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h, self._embedding[0].weight[: self.bias.shape[0]], self.bias)
+
+
 INPUTS = ("full", "blockwise")
 OUTPUTS = ("full", "adaptive")
 
@@ -142,8 +167,11 @@ class SequenceRecommender(Recommender):
         div_value: float = 4.0,
         head_projection: bool = False,
         backend: Optional[str] = None,
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__(num_items)
+        if tie_embeddings and (input, output) != ("full", "full"):
+            raise ValueError(f"tied embeddings need full input and output layers, got {input!r} and {output!r}")
         if input not in INPUTS or output not in OUTPUTS:
             raise ValueError(f"input must be one of {INPUTS} and output one of {OUTPUTS}, got {input!r}, {output!r}")
         if "blockwise" == input or "adaptive" == output:
@@ -158,7 +186,14 @@ class SequenceRecommender(Recommender):
                 cutoffs, d, div_value, head_projection=head_projection, padding_idx=num_items, backend=backend
             )
         self.middle = middle
-        if output == "full":
+        if tie_embeddings:
+            # N(0, 1) rows would put logits at std ~ sqrt(d) and saturate the softmax
+            # from the first step; the usual tied-embedding scale keeps them near 1.
+            with torch.no_grad():
+                self.input_layer.weight.normal_(0.0, d**-0.5)
+                self.input_layer.weight[num_items].zero_()
+            self.output_layer = TiedOutput(self.input_layer, num_items)
+        elif output == "full":
             self.output_layer = nn.Linear(d, num_items)
         else:
             self.output_layer = AdaptiveSoftmax(d, cutoffs, div_value, backend=backend)
@@ -171,13 +206,29 @@ class SequenceRecommender(Recommender):
         return self.middle(x)
 
     def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        h = self.hidden(inputs).flatten(0, 1)
+        h = self.hidden(inputs)
+        if targets.dim() == 1:
+            h = h[:, -1]  # the last-position objective: one target per history
+        else:
+            h, targets = h.flatten(0, 1), targets.reshape(-1)
         if self.output_kind == "adaptive":
-            return self.output_layer(h, targets.reshape(-1), ignore_index=self.pad)
-        return F.cross_entropy(self.output_layer(h).float(), targets.reshape(-1), ignore_index=self.pad)
+            return self.output_layer(h, targets, ignore_index=self.pad)
+        return F.cross_entropy(self.output_layer(h).float(), targets, ignore_index=self.pad)
+
+    def last_hidden(self, inputs: Tensor) -> Tensor:
+        """The hidden state after the last position.  inputs: [B, T] -> [B, d].
+
+        A convolutional middle evaluates only the positions the last one depends on
+        (``cprec_kernels.nn.last_position``); the input layer embeds only those.
+        """
+        if isinstance(self.middle, ResidualStack):
+            blocks = self.middle.blocks
+            x = self.input_layer(every_nth_from_end(inputs, input_stride(blocks)))
+            return last_position(blocks, x, strided=True)
+        return self.hidden(inputs)[:, -1]
 
     def scores(self, inputs: Tensor) -> Tensor:
-        last = self.hidden(inputs)[:, -1]
+        last = self.last_hidden(inputs)
         if self.output_kind == "adaptive":
             return self.output_layer.log_prob(last)
         return torch.log_softmax(self.output_layer(last).float(), dim=-1)
@@ -188,7 +239,7 @@ class SequenceRecommender(Recommender):
         if exclude is not None:
             exclude = torch.where(exclude >= self.num_items, -1, exclude)
         # Streaming top-k: the [B, V] scores are never built by the fused backends.
-        return self.output_layer.topk(self.hidden(inputs)[:, -1], k, exclude)
+        return self.output_layer.topk(self.last_hidden(inputs), k, exclude)
 
 
 class NextItNet(SequenceRecommender):
@@ -267,7 +318,8 @@ def build_model(config: dict, counts: Optional[Sequence[int]] = None) -> Recomme
     Keys: model (one of MODELS), num_items, d; for nextitnet/cprec block_dilations,
     kernel_size, sharing; for sasrec/gru4rec max_len, num_layers, num_heads, dropout;
     input ("full"/"blockwise") and output ("full"/"adaptive") with cutoffs,
-    div_value, head_projection for factorized ends; backend.
+    div_value, head_projection for factorized ends; tie_embeddings (full ends
+    only); backend.
     """
     kind = config["model"]
     if kind not in MODELS:
@@ -279,6 +331,7 @@ def build_model(config: dict, counts: Optional[Sequence[int]] = None) -> Recomme
     return SequenceRecommender(
         V, int(config["d"]), _middle(config), input_kind, output_kind, config.get("cutoffs"),
         float(config.get("div_value", 4.0)), bool(config.get("head_projection", False)), config.get("backend"),
+        bool(config.get("tie_embeddings", False)),
     )
 
 
@@ -293,7 +346,7 @@ def parameter_table(config: dict) -> Dict[str, Dict[str, int]]:
     ends = {"input": config.get("input") or "blockwise", "output": config.get("output") or "adaptive"}
     compressed = build_model({**config, **ends}).num_parameters()
     base_kind = "nextitnet" if kind == "cprec" else kind
-    base_cfg = {**config, "model": base_kind, "input": "full", "output": "full"}
+    base_cfg = {**config, "model": base_kind, "input": "full", "output": "full", "tie_embeddings": False}
     if base_kind == "nextitnet":
         base_cfg["sharing"] = "none"
     return {"baseline": build_model(base_cfg).num_parameters(), "compressed": compressed}

@@ -27,6 +27,7 @@ from .metrics import MetricAccumulator
 from .models import PopularityModel, Recommender, build_model, model_ends
 
 SELECT_METRIC = "NDCG@10"
+OBJECTIVES = ("every", "last")
 DEFAULT_SHARING = {"cprec": "cross-block"}
 
 
@@ -48,11 +49,13 @@ class TrainConfig:
     coverage: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
     div_value: float = 4.0
     head_projection: bool = False
+    tie_embeddings: bool = False  # full ends only: the softmax reuses the input embedding
     input_layer: Optional[str] = None  # full | blockwise; None: the model's default
     output_layer: Optional[str] = None  # full | adaptive; None: the model's default
     num_layers: int = 2  # SASRec / GRU4Rec
     num_heads: int = 1  # SASRec
     dropout: float = 0.2  # SASRec / GRU4Rec
+    objective: str = "every"  # every: loss at every position; last: last position of every prefix
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -114,6 +117,8 @@ def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
         "head_projection": cfg.head_projection,
         "backend": cfg.backend,
     }
+    if cfg.tie_embeddings:  # only when set, so configs (and checkpoints) without it stay as they were
+        mcfg["tie_embeddings"] = True
     if cfg.model != "pop":
         mcfg["input"], mcfg["output"] = model_ends(mcfg)
         if mcfg["input"] == "blockwise" or mcfg["output"] == "adaptive":
@@ -196,6 +201,8 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         "baseline_test", "epochs_run", "best_epoch", "train_seconds", "history"}
     """
     say = say or (lambda msg: print(msg, file=sys.stderr))
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.distributed:
@@ -244,6 +251,7 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         "model": cfg.model,
         "dataset": data.name,
         "split": data.split,
+        "objective": cfg.objective,
         "data_stats": data.stats,
         "model_config": mcfg,
         "params": model.num_parameters(),
@@ -264,12 +272,20 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     return result
 
 
+def _batches_of(objective: str, data: SequenceData):
+    """idx [b] -> (inputs [b, T], targets): [b, T] windows for the every-position
+    objective, or [b] last-position targets of prefixes."""
+    if objective == "last":
+        return lambda idx: tuple(torch.from_numpy(a) for a in data.prefixes.batch(idx.numpy()))
+    inputs_all, targets_all = torch.from_numpy(data.train.inputs), torch.from_numpy(data.train.targets)
+    return lambda idx: (inputs_all[idx], targets_all[idx])
+
+
 def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say) -> None:
     """Epochs of training from ``state`` (which a checkpoint may have restored
     mid-epoch), validating and checkpointing as it goes."""
-    n = len(data.train)
-    inputs_all = torch.from_numpy(data.train.inputs)
-    targets_all = torch.from_numpy(data.train.targets)
+    batch_of = _batches_of(cfg.objective, data)
+    n = len(data.train) if cfg.objective == "every" else len(data.prefixes)
     trainer = distributed.wrap(model, device)
     world = distributed.world_size()
     main_process = distributed.is_main()
@@ -294,11 +310,10 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
             total=len(batches), disable=not (cfg.progress and main_process), leave=False, file=sys.stderr,
         )
         for idx in bar:
-            idx = distributed.my_slice(idx)
-            batch_targets = targets_all[idx]
+            batch_inputs, batch_targets = batch_of(distributed.my_slice(idx))
             # Counted on the host copy: no device sync just to count tokens.
             count = int((batch_targets != model.pad).sum())
-            inputs, targets = inputs_all[idx].to(device), batch_targets.to(device)
+            inputs, targets = batch_inputs.to(device), batch_targets.to(device)
             loss = trainer(inputs, targets)
             total_count, total_loss = distributed.all_reduce_sum([count, loss.item() * count], device)
             if not math.isfinite(total_loss):

@@ -1,0 +1,338 @@
+"""``cprec compare``: train a list of model configs on one dataset with several seeds
+and tabulate parameters against accuracy (markdown, CSV and a PNG plot).
+
+A study is a JSON spec::
+
+    {"name": "ml-1m", "data": "../shared/data/ml-1m/ml-1m.inter.gz",
+     "split": "leave-one-out", "seeds": [0, 1, 2], "baseline": "NextItNet d=256",
+     "metric_k": 10, "common": {"epochs": 3},
+     "runs": [{"name": "NextItNet d=256", "model": "nextitnet", "d": 256}, ...]}
+
+Every key of ``common`` and of a run (except ``name``) is a ``TrainConfig`` field.
+Each (run, seed) trains into ``OUT/runs/<run>/seed<k>/`` with a checkpoint per epoch,
+so an interrupted study picks up where it stopped; finished runs (``metrics.json``)
+are never redone. Tasks go seed by seed, so a study cut short has whole seeds.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .train import TrainConfig
+
+METRICS = tuple(f"{m}@{k}" for m in ("MRR", "HR", "NDCG") for k in (5, 10, 20))
+_SPEC_KEYS = {"name", "data", "format", "split", "seeds", "baseline", "metric_k", "common", "runs", "notes"}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"output", "resume", "seed", "progress",
+                                                                       "distributed"}
+
+
+class SpecError(ValueError):
+    """A study spec that cannot be run (the message names the file and the key)."""
+
+
+def slug(name: str) -> str:
+    """A directory name for a run name: "CpRec d=128, cross-block" -> "cprec-d-128-cross-block"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+
+
+def load_spec(path) -> dict:
+    """Read and check a study spec; unknown keys and TrainConfig fields are errors."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: the spec must be a JSON object")
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise SpecError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
+    runs = spec.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise SpecError(f"{path}: 'runs' must be a non-empty list of configs")
+    seeds = spec.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise SpecError(f"{path}: 'seeds' must be a non-empty list of ints, got {seeds!r}")
+    names = set()
+    for i, run in enumerate([spec.get("common", {})] + runs):
+        where = "'common'" if i == 0 else f"run {i}"
+        if not isinstance(run, dict):
+            raise SpecError(f"{path}: {where} must be an object")
+        bad = set(run) - _CONFIG_FIELDS - ({"name"} if i else set())
+        if bad:
+            raise SpecError(f"{path}: {where} has keys {sorted(bad)} that are not training options")
+        if i:
+            if not isinstance(run.get("name"), str) or not run["name"]:
+                raise SpecError(f"{path}: {where} needs a 'name'")
+            if slug(run["name"]) in names:
+                raise SpecError(f"{path}: two runs are named like {run['name']!r}")
+            names.add(slug(run["name"]))
+    if spec.get("baseline") is not None and slug(spec["baseline"]) not in names:
+        raise SpecError(f"{path}: baseline {spec['baseline']!r} is not the name of a run")
+    spec.setdefault("name", path.parent.name)
+    spec.setdefault("metric_k", 10)
+    return spec
+
+
+def run_config(spec: dict, run: dict, seed: int, out_dir: Path) -> TrainConfig:
+    """The TrainConfig of one (run, seed): spec data and split, then common, then the run."""
+    fields = {"data": spec.get("data"), "format": spec.get("format", "auto"),
+              "split": spec.get("split", "leave-one-out")}
+    fields.update(spec.get("common", {}))
+    fields.update({k: v for k, v in run.items() if k != "name"})
+    fields.update(seed=seed, output=str(run_dir(out_dir, run["name"], seed)), resume=True, progress=False)
+    return TrainConfig(**fields)
+
+
+def run_dir(out_dir: Path, name: str, seed: int) -> Path:
+    return Path(out_dir) / "runs" / slug(name) / f"seed{seed}"
+
+
+def tasks(spec: dict, out_dir: Path) -> List[TrainConfig]:
+    """The (run, seed) configs still to train, seed by seed."""
+    todo = []
+    for seed in spec["seeds"]:
+        for run in spec["runs"]:
+            if not (run_dir(out_dir, run["name"], seed) / "metrics.json").is_file():
+                todo.append(run_config(spec, run, seed, out_dir))
+    return todo
+
+
+def _train_one(args):
+    """-> (ok, message). A failed run is reported, not raised, so the others go on."""
+    cfg, threads = args
+    import torch
+
+    from .train import train
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        train(cfg, say=lambda msg: None)
+    except Exception as err:  # noqa: BLE001 - reported with the run's name by the caller
+        return False, f"{cfg.output}: FAILED ({type(err).__name__}: {err})"
+    return True, f"{cfg.output}: done in {time.perf_counter() - started:.0f} s"
+
+
+def run_study(spec: dict, out_dir: Path, workers: int = 1, threads: Optional[int] = None, say=print) -> List[str]:
+    """Train every missing (run, seed), ``workers`` at a time in separate processes.
+    -> the messages of the runs that failed."""
+    todo = tasks(spec, out_dir)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    say(f"{len(todo)} of {len(spec['runs']) * len(spec['seeds'])} runs to train, {workers} at a time, "
+        f"{threads} thread(s) each")
+    jobs = [(c, threads) for c in todo]
+    if workers == 1 or len(todo) <= 1:
+        results = map(_train_one, jobs)
+        return _report_progress(results, len(todo), say)
+    # spawn: a fresh interpreter per worker (no forked OpenMP pools); one task per child
+    # so memory goes back between runs.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, maxtasksperchild=1) as pool:
+        return _report_progress(pool.imap_unordered(_train_one, jobs), len(todo), say)
+
+
+def _report_progress(results, total: int, say) -> List[str]:
+    failed = []
+    for i, (ok, line) in enumerate(results, 1):
+        say(f"[{i}/{total}] {line}")
+        if not ok:
+            failed.append(line)
+    return failed
+
+
+# --------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]):
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def collect(spec: dict, out_dir: Path) -> List[dict]:
+    """One row per run: its config, parameters, metric means/stds over finished seeds."""
+    rows = []
+    for run in spec["runs"]:
+        results = []
+        for seed in spec["seeds"]:
+            path = run_dir(out_dir, run["name"], seed) / "metrics.json"
+            if path.is_file():
+                results.append(json.loads(path.read_text(encoding="utf-8")))
+        row = {"name": run["name"], "seeds": len(results)}
+        if results:
+            mcfg = results[0]["model_config"]
+            row.update(
+                model=mcfg["model"], d=mcfg["d"], input=mcfg.get("input"), output=mcfg.get("output"),
+                sharing=mcfg.get("sharing"), cutoffs=mcfg.get("cutoffs"), div=mcfg.get("div_value"),
+                objective=results[0].get("objective", "every"), tied=bool(mcfg.get("tie_embeddings")),
+                params=results[0]["params"],
+            )
+            for name in METRICS:
+                row[name] = _mean_std([r["test"][name] for r in results])
+            epoch_seconds = [h["seconds"] for r in results for h in r["history"]]
+            row["epoch_seconds"] = sum(epoch_seconds) / max(len(epoch_seconds), 1)
+            row["epochs"] = _mean_std([r["epochs_run"] for r in results])[0]
+            row["pop"] = results[0]["baseline_test"]
+        rows.append(row)
+    base = next((r for r in rows if spec.get("baseline") and r["name"] == spec["baseline"] and r["seeds"]), None)
+    for row in rows:
+        row["ratio"] = base["params"]["total"] / row["params"]["total"] if base and row["seeds"] else math.nan
+    return rows
+
+
+def _ends(row: dict) -> str:
+    ends = f"{row['input']}/{row['output']}"
+    if row["tied"]:
+        ends += " tied"
+    if row["input"] == "blockwise" or row["output"] == "adaptive":
+        ends += f", cutoffs {row['cutoffs']}, div {row['div']:g}"
+    return ends
+
+
+def _columns(spec: dict) -> List[str]:
+    k = spec["metric_k"]
+    order = [f"{m}@{k}" for m in ("NDCG", "HR", "MRR")]
+    return order + [m for m in METRICS if m not in order]
+
+
+def markdown_table(spec: dict, rows: List[dict]) -> str:
+    metrics = _columns(spec)
+    head = ["run", "model", "sharing", "ends (input/output)", "objective", "params input / middle / output",
+            "params total", "compression", *metrics, "s / epoch", "epochs", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if not r["seeds"]:
+            lines.append(f"| {r['name']} | " + " | ".join(["not run"] + [""] * (len(head) - 2)) + " |")
+            continue
+        p = r["params"]
+        cells = [
+            r["name"], r["model"], r["sharing"] or "", _ends(r), r["objective"],
+            f"{p['input']:,} / {p['middle']:,} / {p['output']:,}", f"{p['total']:,}",
+            "" if math.isnan(r["ratio"]) else f"{r['ratio']:.2f}x",
+            *[f"{r[m][0]:.4f} ± {r[m][1]:.4f}" for m in metrics],
+            f"{r['epoch_seconds']:.0f}", f"{r['epochs']:g}", str(r["seeds"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def csv_table(spec: dict, rows: List[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run", "model", "d", "sharing", "input", "output", "tied", "cutoffs", "div", "objective",
+                     "params_input", "params_middle", "params_output", "params_total", "compression_ratio",
+                     *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], "seconds_per_epoch", "epochs",
+                     "seeds"])
+    for r in rows:
+        if not r["seeds"]:
+            writer.writerow([r["name"]] + [""] * 14 + [""] * (2 * len(METRICS)) + ["", "", 0])
+            continue
+        p = r["params"]
+        writer.writerow([
+            r["name"], r["model"], r["d"], r["sharing"], r["input"], r["output"], r["tied"],
+            " ".join(map(str, r["cutoffs"] or [])), r["div"], r["objective"], p["input"], p["middle"],
+            p["output"], p["total"], "" if math.isnan(r["ratio"]) else f"{r['ratio']:.4f}",
+            *[f"{v:.6f}" for m in METRICS for v in r[m]], f"{r['epoch_seconds']:.2f}", f"{r['epochs']:g}",
+            r["seeds"],
+        ])
+    return buf.getvalue()
+
+
+def plot(spec: dict, rows: List[dict], path: Path) -> None:
+    """NDCG@k (mean ± std over seeds) against total parameters, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = f"NDCG@{spec['metric_k']}"
+    done = [r for r in rows if r["seeds"]]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {"nextitnet": ("o", "tab:blue"), "cprec": ("s", "tab:red")}
+    for r in done:
+        marker, color = styles.get(r["model"], ("^", "tab:gray"))
+        if r["model"] == "nextitnet" and (r["input"] != "full" or r["sharing"] != "none"):
+            color = "tab:purple"  # a partly compressed NextItNet
+        ax.errorbar(r["params"]["total"], r[metric][0], yerr=r[metric][1], fmt=marker, color=color, capsize=3)
+        ax.annotate(r["name"], (r["params"]["total"], r[metric][0]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    if done:
+        ax.axhline(done[0]["pop"][metric], color="gray", linestyle=":", label="popularity")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+    ax.set_title(f"{spec['name']}: {metric} against model size")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(spec: dict, spec_path, out_dir: Path, command: str) -> List[dict]:
+    """results.md, results.csv and ndcg_vs_params.png in ``out_dir`` from the finished runs."""
+    rows = collect(spec, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = [r for r in rows if r["seeds"]]
+    k = spec["metric_k"]
+    lines = [
+        f"# {spec['name']}: parameters against accuracy",
+        "",
+        f"Produced by `{command}` from `{spec_path}`.",
+        f"Data `{spec.get('data') or 'shipped ml-latest-small'}`, split {spec.get('split', 'leave-one-out')}, "
+        f"full ranking over all items, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
+        "'seeds'). Compression is the parameter count of "
+        f"'{spec.get('baseline')}' divided by the run's. 's / epoch' includes the validation pass.",
+    ]
+    if spec.get("notes"):
+        lines += ["", spec["notes"]]
+    if done:
+        pop = done[0]["pop"]
+        lines += ["", "Popularity baseline: " + ", ".join(f"{m} {pop[m]:.4f}" for m in _columns(spec)[:3]) + "."]
+    lines += ["", markdown_table(spec, rows), "", f"![NDCG@{k} against parameters](ndcg_vs_params.png)", ""]
+    _atomic_write(out_dir / "results.md", "\n".join(lines))
+    _atomic_write(out_dir / "results.csv", csv_table(spec, rows))
+    if done:
+        plot(spec, rows, out_dir / "ndcg_vs_params.png")
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main_compare(args) -> dict:
+    spec = load_spec(args.spec)
+    if args.data:
+        spec["data"] = args.data
+    out_dir = Path(args.output or Path(args.spec).parent)
+    command = "cprec compare " + " ".join(shlex.quote(a) for a in args.argv)
+    failed = []
+    if not args.report_only:
+        failed = run_study(spec, out_dir, args.workers, args.threads,
+                           say=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = write_report(spec, args.spec, out_dir, command)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (the tables hold the others):\n" + "\n".join(failed))
+    # NaN (no baseline yet) is not JSON: None instead.
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return {"output": str(out_dir), "rows": [{k: clean(v) for k, v in r.items() if k != "pop"} for r in rows]}
