@@ -484,6 +484,20 @@ def shown_command(argv: List[str]) -> str:
     return " ".join(["python bench/make_report.py", *shown])
 
 
+HAND_SECTION = "## Op benchmarks on the cpu backend"
+
+
+def _hand_recorded(path: str) -> str:
+    """The hand-recorded op section of an existing RESULTS.md (kept across reruns)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    except FileNotFoundError:
+        return ""
+    at = old.find(HAND_SECTION)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="the CI grid instead of CPREC_BENCH_FULL=1")
@@ -536,8 +550,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append("GPU rows: unmeasured (no GPU was lent for this run); `bench/bench_models.py` runs them on a CUDA "
                      "machine (triton/cuda backends, batch 128, 256 users) and this script renders them.")
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "RESULTS.md"), "w", encoding="utf-8") as f:
-        f.write(render(rows, env, skips, notes, sections))
+    path = os.path.join(args.out_dir, "RESULTS.md")
+    text = render(rows, env, skips, notes, sections) + _hand_recorded(path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
     try:
         plot_speedup(rows, os.path.join(args.out_dir, "speedup_vs_vocab.png"))
         plot_memory(rows, os.path.join(args.out_dir, "memory_vs_vocab.png"))

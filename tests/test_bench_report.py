@@ -106,6 +106,11 @@ def test_main_renders_from_json(make_report, results, tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "a note" in text and "GPU rows: unmeasured" in text
     assert (out / "speedup_vs_vocab.png").exists() and (out / "memory_vs_vocab.png").exists()
+    # The hand-recorded op section survives a rerun; the generated part is rewritten.
+    (out / "RESULTS.md").write_text(text.replace("a note", "old note") + "\n## Op benchmarks on the cpu backend\nkept\n")
+    assert make_report.main(["--from-json", results, "--out-dir", str(out), "--note", "new note"]) == 0
+    again = (out / "RESULTS.md").read_text()
+    assert "new note" in again and "old note" not in again and again.endswith("## Op benchmarks on the cpu backend\nkept\n")
 
 
 def test_shown_command_elides_notes(make_report):

@@ -304,15 +304,17 @@ def test_causal_conv1d_ln_relu(dtype, case, affine, residual):
     _compare(op, [x, w, b, lw, lb, res], dil, dtype=dtype)
 
 
-# The fused forward has two paths: Winograd F(4,3) (K = 3, C_in and C_out >= 32, B*T >= 64,
-# 2*dilation < T, tiles of 4 overshooting T by at most 12.5%) and one GEMM + shifted-row
-# epilogue (everything else). These cases are wide enough to take them: sequence starts in
+# The fused forward has three paths: Winograd F(4,3) (K = 3, C_in and C_out >= 32, B*T >= 64,
+# 2*dilation < T, tiles of 4 overshooting T by at most 12.5%), one GEMM + shifted-row
+# epilogue, or, when B*T < C_out, an im2col GEMM against the weight's own layout (the
+# last three cases). These cases are wide enough to take them: sequence starts in
 # every tile phase and partial last tiles (T = 37, 45, 31 with dilations 1, 5, 3, 2), odd
 # widths (row tails past the 8-lane loops), dilation not dividing T, 2*dilation >= T,
 # dilation >= T, K = 4.
 FUSED_CASES = [(3, 37, 48, 40, 3, 1), (3, 37, 48, 40, 3, 5), (2, 45, 40, 36, 3, 3), (3, 31, 33, 40, 3, 2),
                (2, 64, 33, 35, 3, 7), (4, 33, 32, 32, 3, 2), (2, 20, 40, 40, 3, 10), (2, 5, 40, 40, 3, 9),
-               (3, 37, 48, 40, 4, 3), (2, 40, 36, 44, 2, 50)]
+               (3, 37, 48, 40, 4, 3), (2, 40, 36, 44, 2, 50), (1, 13, 33, 40, 3, 2), (1, 7, 36, 64, 4, 1),
+               (3, 9, 40, 41, 3, 4)]
 
 
 @needs_ext

@@ -237,7 +237,7 @@ __attribute__((target("avx2,fma"))) void ln_relu_out(float* o, const float* z, f
 // z rows are never stored. A GEMM fills a buffer Y whose rows are linear pieces of z,
 // and the epilogue builds each z row in an L1-resident scratch row from a few Y rows
 // (bias + sum_i coef_i * Y_i), then runs LayerNorm + ReLU (+ residual) on it and writes
-// the output row once. Two ways to fill Y:
+// the output row once. Three ways to fill Y:
 //
 // * direct, any K: ONE GEMM Y = x @ [W_k0^T | ... | W_{K-1}^T]: [B*T, C_in] x
 //   [C_in, K'*C_out] (taps with shift >= T dropped, K' <= K), and
@@ -252,6 +252,12 @@ __attribute__((target("avx2,fma"))) void ln_relu_out(float* o, const float* z, f
 //   rounding grows: measured at C = 256 on random data, max |err| 1.1e-5 against 1.6e-6
 //   for the direct sum (rms 7e-7 against 2e-7); F(2,3) kept 2.1e-6 but saved only a
 //   third of the FLOPs.
+// * im2col, few rows (N = B*T < C_out: serving one history): the two paths above need
+//   the weight re-laid out per call ([C_in, K*C_out], as many floats as the weight),
+//   which then costs more than the GEMM itself. Instead x is unfolded into
+//   cols [N, C_in*K] (zeros before the sequence start; N*C_in*K < the weight's size) and
+//   Y = cols @ W.view(C_out, C_in*K)^T reads the weight in its own layout: each Y row is
+//   the whole z row, so the epilogue has one term.
 constexpr int kWinoM = 4, kWinoA = 6;
 constexpr double kWinoBT[kWinoA][kWinoA] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
                                             {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
@@ -274,6 +280,19 @@ struct WinoTiles {
 
 // Winograd pays off on GEMM-bound sizes only, and only when the tiles do not overshoot
 // T by much (dilations close to T leave half-empty tiles); else the direct path.
+bool use_im2col(int64_t B, int64_t T, int64_t C_out) { return B * T < C_out; }
+
+// cols [B*T, C_in*K]: cols[b*T + t, c*K + k] = x[b, t - shift_k, c], 0 before the start.
+at::Tensor im2col(const at::Tensor& x, int64_t K, int64_t dilation) {
+  const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2);
+  auto cols = at::zeros({B, T, C_in, K}, x.options());
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t s = shift_of(k, K, dilation);
+    if (s < T) cols.select(3, k).narrow(1, s, T - s).copy_(x.narrow(1, 0, T - s));
+  }
+  return cols.view({B * T, C_in * K});
+}
+
 bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
   if (K != 3 || 2 * dil >= T || C_in < 32 || C_out < 32 || B * T < 64) return false;
   const auto tiles = WinoTiles::of(B, T, dil);
@@ -500,7 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
   auto mean = at::empty({B, T}, x.options());
   auto rstd = at::empty({B, T}, x.options());
   const bool wino = use_winograd(B, T, C_in, C, K, dilation);
-  at::Tensor Y;  // direct path: the GEMM output the epilogue reads (see "Fused forward")
+  const bool unfold = !wino && use_im2col(B, T, C);
+  at::Tensor Y;  // direct and im2col paths: the GEMM output the epilogue reads (see "Fused forward")
   int64_t k0 = 0;  // direct path: first tap with shift < T (earlier taps never reach a row)
   const auto tiles = WinoTiles::of(B, T, dilation);
   at::Tensor V;  // Winograd: the transformed weights [a, C_in, C_out]
@@ -511,6 +531,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
     const auto G = at::from_blob(g, {kWinoA, 3}, at::kDouble).to(x.scalar_type());
     const auto wt = weight.permute({2, 1, 0}).contiguous().view({3, C_in * C});  // [K, C_in * C_out]
     V = at::mm(G, wt).view({kWinoA, C_in, C});
+  } else if (unfold) {
+    Y = at::mm(im2col(xc, K, dilation), weight.contiguous().view({C, C_in * K}).t());  // [N, C_out]
   } else {
     while (k0 < K && shift_of(k0, K, dilation) >= T) ++k0;
     // [C_in, K' * C_out]: column block k - k0 is W_k^T.
@@ -528,6 +550,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
     } else {
       const int64_t width = (K - k0) * C;
       auto gather = [&](int64_t r, T_* coef, const T_** src) -> int64_t {
+        if (unfold) {  // the whole z row (minus bias) is Y's row r
+          coef[0] = T_(1);
+          src[0] = y + r * C;
+          return 1;
+        }
         const int64_t t = r % T;
         int64_t n = 0;
         for (int64_t k = k0; k < K; ++k) {
