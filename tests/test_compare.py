@@ -38,7 +38,12 @@ def test_compare_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     ndcg = [json.loads((out / "runs" / "nextitnet" / f"seed{s}" / "metrics.json").read_text())["test"]["NDCG@10"]
             for s in (0, 1)]
     assert float(nx["NDCG@10_mean"]) == pytest.approx(sum(ndcg) / 2, abs=1e-6)
-    assert (out / "ndcg_vs_params.png").stat().st_size > 1000
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the plot is optional: the tables say how to get it
+        assert "no plot: matplotlib is not installed" in table
+    else:
+        assert (out / "ndcg_vs_params.png").read_bytes()[:4] == b"\x89PNG"
     # A second call trains nothing new: every (run, seed) has its metrics.json.
     stamp = (out / "runs" / "nextitnet" / "seed0" / "metrics.json").stat().st_mtime_ns
     assert main(["compare", str(path), "--output", str(out)]) == 0

@@ -306,11 +306,16 @@ def write_report(spec: dict, spec_path, out_dir: Path, command: str) -> List[dic
     if done:
         pop = done[0]["pop"]
         lines += ["", "Popularity baseline: " + ", ".join(f"{m} {pop[m]:.4f}" for m in _columns(spec)[:3]) + "."]
-    lines += ["", markdown_table(spec, rows), "", f"![NDCG@{k} against parameters](ndcg_vs_params.png)", ""]
+    figure = f"![NDCG@{k} against parameters](ndcg_vs_params.png)"
+    if done:
+        try:
+            plot(spec, rows, out_dir / "ndcg_vs_params.png")
+        except ImportError:
+            figure = "(no plot: matplotlib is not installed; `pip install matplotlib` and rerun with --report-only)"
+            print(f"cprec compare: {figure}", file=sys.stderr)
+    lines += ["", markdown_table(spec, rows), "", figure, ""]
     _atomic_write(out_dir / "results.md", "\n".join(lines))
     _atomic_write(out_dir / "results.csv", csv_table(spec, rows))
-    if done:
-        plot(spec, rows, out_dir / "ndcg_vs_params.png")
     return rows
 
 
