@@ -299,7 +299,9 @@ def write_report(spec: dict, spec_path, out_dir: Path, command: str) -> List[dic
         f"Data `{spec.get('data') or 'shipped ml-latest-small'}`, split {spec.get('split', 'leave-one-out')}, "
         f"full ranking over all items, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
         "'seeds'). Compression is the parameter count of "
-        f"'{spec.get('baseline')}' divided by the run's. 's / epoch' includes the validation pass.",
+        f"'{spec.get('baseline')}' divided by the run's. 's / epoch' includes the validation pass. Rows with "
+        "fewer seeds than listed, or 'not run', had not finished when the table was written; the same spec "
+        "without --report-only trains only those.",
     ]
     if spec.get("notes"):
         lines += ["", spec["notes"]]
