@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import re
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -158,12 +159,10 @@ def _report_progress(results, total: int, say) -> List[str]:
 # the table
 # --------------------------------------------------------------------------------------
 def _mean_std(values: Sequence[float]):
-    n = len(values)
-    if n == 0:
+    """(mean, sample std) over seeds; std 0 for one seed, NaN for none."""
+    if not values:
         return math.nan, math.nan
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def collect(spec: dict, out_dir: Path) -> List[dict]:
