@@ -1,6 +1,12 @@
 """cprec compare: spec checks, resumable runs, the markdown/CSV tables and the plot."""
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +91,55 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 run(s) failed" in err and "bad/seed0: FAILED" in err
     assert (tmp_path / "o" / "runs" / "nextitnet" / "seed0" / "metrics.json").is_file()
+
+
+def _children(pid: int) -> list:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigterm_to_compare_stops_its_workers(tmp_path):
+    # Killed outright, a pool parent leaves its workers training; a rerun would then train
+    # the same run directories twice at once.
+    path = _spec(tmp_path, common={**SMALL, "epochs": 1000, "limit_batches": 1, "patience": 1000})
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), str(root / "python"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "cprec", "compare", str(path), "--workers", "2",
+                             "--output", str(tmp_path / "o")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "o" / "runs").glob("*/seed*/checkpoint.pt")):
+            assert proc.poll() is None, "compare ended before its workers trained an epoch"
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "expected the pool's worker processes"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], "workers outlived their killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

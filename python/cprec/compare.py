@@ -15,6 +15,7 @@ are never redone. Tasks go seed by seed, so a study cut short has whole seeds.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -24,8 +25,10 @@ import multiprocessing
 import os
 import re
 import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -142,8 +145,27 @@ def run_study(spec: dict, out_dir: Path, workers: int = 1, threads: Optional[int
     # spawn: a fresh interpreter per worker (no forked OpenMP pools); one task per child
     # so memory goes back between runs.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, maxtasksperchild=1) as pool:
+    with ctx.Pool(workers, maxtasksperchild=1) as pool, _sigterm_raises():
         return _report_progress(pool.imap_unordered(_train_one, jobs), len(todo), say)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises SystemExit while the pool runs, so ``with Pool`` terminates the workers:
+    killed outright, the parent would leave them training on, and a rerun would then train
+    the same run directory twice at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report_progress(results, total: int, say) -> List[str]:
@@ -226,7 +248,7 @@ def markdown_table(spec: dict, rows: List[dict]) -> str:
             f"{p['input']:,} / {p['middle']:,} / {p['output']:,}", f"{p['total']:,}",
             "" if math.isnan(r["ratio"]) else f"{r['ratio']:.2f}x",
             *[f"{r[m][0]:.4f} ± {r[m][1]:.4f}" for m in metrics],
-            f"{r['epoch_seconds']:.0f}", f"{r['epochs']:g}", str(r["seeds"]),
+            f"{r['epoch_seconds']:.0f}", f"{r['epochs']:.3g}", str(r["seeds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
