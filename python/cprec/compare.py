@@ -285,29 +285,39 @@ def plot(spec: dict, rows: List[dict], path: Path) -> None:
 
     metric = f"NDCG@{spec['metric_k']}"
     done = [r for r in rows if r["seeds"]]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    # Names beside the points overlap when configs have similar sizes and scores, so each
+    # point gets a number and the names are listed beside the axes.
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     styles = {"nextitnet": ("o", "tab:blue"), "cprec": ("s", "tab:red")}
-    for r in done:
+    names = []
+    for i, r in enumerate(done, 1):
         marker, color = styles.get(r["model"], ("^", "tab:gray"))
         if r["model"] == "nextitnet" and (r["input"] != "full" or r["sharing"] != "none"):
             color = "tab:purple"  # a partly compressed NextItNet
         ax.errorbar(r["params"]["total"], r[metric][0], yerr=r[metric][1], fmt=marker, color=color, capsize=3)
-        ax.annotate(r["name"], (r["params"]["total"], r[metric][0]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
+        ax.annotate(str(i), (r["params"]["total"], r[metric][0]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8, color=color)
+        names.append(f"{i}. {r['name']}")
     if done:
-        ax.axhline(done[0]["pop"][metric], color="gray", linestyle=":", label="popularity")
-        ax.legend(loc="lower right", fontsize=8)
+        pop = done[0]["pop"][metric]
+        low = min(r[metric][0] - r[metric][1] for r in done)
+        if pop >= low - 0.5 * (max(r[metric][0] for r in done) - low):
+            ax.axhline(pop, color="gray", linestyle=":", label="popularity")
+            ax.legend(loc="lower right", fontsize=8)
+        else:  # far below every run: a line there would squash the points together
+            names.append(f"popularity: {metric} {pop:.4f}")
+        fig.text(0.63, 0.9, "\n".join(names), fontsize=8, va="top", family="monospace")
+        fig.subplots_adjust(left=0.08, right=0.61)
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
-    ax.set_title(f"{spec['name']}: {metric} against model size")
+    ax.set_title(f"{spec['name']}\n{metric} against model size", fontsize=9)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(spec: dict, spec_path, out_dir: Path, command: str) -> List[dict]:
+def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
     """results.md, results.csv and ndcg_vs_params.png in ``out_dir`` from the finished runs."""
     rows = collect(spec, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +326,7 @@ def write_report(spec: dict, spec_path, out_dir: Path, command: str) -> List[dic
     lines = [
         f"# {spec['name']}: parameters against accuracy",
         "",
-        f"Produced by `{command}` from `{spec_path}`.",
+        produced_by,
         f"Data `{spec.get('data') or 'shipped ml-latest-small'}`, split {spec.get('split', 'leave-one-out')}, "
         f"full ranking over all items, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
         "'seeds'). Compression is the parameter count of "
@@ -354,11 +364,15 @@ def main_compare(args) -> dict:
         spec["data"] = args.data
     out_dir = Path(args.output or Path(args.spec).parent)
     command = "cprec compare " + " ".join(shlex.quote(a) for a in args.argv)
+    produced_by = f"Produced by `{command}` from `{args.spec}`."
+    if args.report_only:  # name the command that trained the runs, not just the one that tabled them
+        train = "cprec compare " + " ".join(shlex.quote(a) for a in args.argv if a != "--report-only")
+        produced_by = f"Tables written by `{command}` from the runs that `{train}` trains from `{args.spec}`."
     failed = []
     if not args.report_only:
         failed = run_study(spec, out_dir, args.workers, args.threads,
                            say=lambda m: print(m, file=sys.stderr, flush=True))
-    rows = write_report(spec, args.spec, out_dir, command)
+    rows = write_report(spec, out_dir, produced_by)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed (the tables hold the others):\n" + "\n".join(failed))
     # NaN (no baseline yet) is not JSON: None instead.
