@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cprec.cli import main
+from helpers import source_tree_env
 from cprec.compare import SpecError, load_spec
 
 SMALL = {"epochs": 1, "limit_batches": 2, "d": 8, "block_dilations": [1, 2], "max_len": 10}
@@ -120,11 +121,8 @@ def test_sigterm_to_compare_stops_its_workers(tmp_path):
     # Killed outright, a pool parent leaves its workers training; a rerun would then train
     # the same run directories twice at once.
     path = _spec(tmp_path, common={**SMALL, "epochs": 1000, "limit_batches": 1, "patience": 1000})
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root), str(root / "python"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "cprec", "compare", str(path), "--workers", "2",
-                             "--output", str(tmp_path / "o")], env=env,
+                             "--output", str(tmp_path / "o")], env=source_tree_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:

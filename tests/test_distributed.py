@@ -1,6 +1,5 @@
 """torchrun/DDP training, crash-safe resume after SIGKILL, and torchrun restarts."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,22 +8,15 @@ import time
 import pytest
 
 from cprec.checkpoint import load_checkpoint
+from helpers import source_tree_env
 
 TINY = ["--quiet", "--json", "--dim", "16", "--dilations", "1,2", "--max-len", "20", "--batch-size", "16"]
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # Run from the source tree whether or not the package is installed.
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "python"), env.get("PYTHONPATH", "")])
-    return env
 
 
 def _cprec(args, torchrun=None, env=None, timeout=600):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun] if torchrun else [sys.executable]
     cmd = [*launcher, "-m", "cprec", "train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or source_tree_env(), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -51,7 +43,7 @@ def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(tmp_path):
     unbroken, _ = _cprec([*args, "--output", str(tmp_path / "a")])
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "cprec", "train", *args, "--output", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=source_tree_env())
     ckpt, killed_at = out / "checkpoint.pt", None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -78,7 +70,7 @@ def test_torchrun_restarts_a_dead_worker_which_resumes(tmp_path):
     restarted, err = _cprec(
         [*args, "--output", str(tmp_path / "b"), "--resume"],
         torchrun=["--nproc_per_node", "1", "--max-restarts", "1"],
-        env=_env(CPREC_FAIL_AT_STEP="25"),
+        env=source_tree_env(CPREC_FAIL_AT_STEP="25"),
     )
     assert "resumed from" in err and "step 20" in err
     _same_run(unbroken, restarted, 1e-6)
