@@ -35,6 +35,15 @@ def save_checkpoint(obj: dict, path) -> None:
         raise
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename, so a reader never
+    sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _unsafe_global(message: str) -> str:
     """The line of torch's refusal that names the offending global, if any."""
     lines = [line.strip() for line in message.splitlines() if "GLOBAL" in line or "Unsupported" in line]

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .checkpoint import write_text_atomic
 from .train import TrainConfig
 
 METRICS = tuple(f"{m}@{k}" for m in ("MRR", "HR", "NDCG") for k in (5, 10, 20))
@@ -347,15 +348,9 @@ def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
             figure = "(no plot: matplotlib is not installed; `pip install matplotlib` and rerun with --report-only)"
             print(f"cprec compare: {figure}", file=sys.stderr)
     lines += ["", markdown_table(spec, rows), "", figure, ""]
-    _atomic_write(out_dir / "results.md", "\n".join(lines))
-    _atomic_write(out_dir / "results.csv", csv_table(spec, rows))
+    write_text_atomic(out_dir / "results.md", "\n".join(lines))
+    write_text_atomic(out_dir / "results.csv", csv_table(spec, rows))
     return rows
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main_compare(args) -> dict:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator
 from .models import PopularityModel, Recommender, build_model, model_ends
@@ -157,9 +157,7 @@ def _log_line(path: Optional[Path], record: dict) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _checkpoint(cfg, mcfg, model, optimizer, state, data) -> dict:
@@ -273,19 +271,18 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
 
 
 def _batches_of(objective: str, data: SequenceData):
-    """idx [b] -> (inputs [b, T], targets): [b, T] windows for the every-position
-    objective, or [b] last-position targets of prefixes."""
+    """-> (number of training examples, idx [b] -> (inputs [b, T], targets)): [b, T]
+    windows for the every-position objective, or [b] last-position targets of prefixes."""
     if objective == "last":
-        return lambda idx: tuple(torch.from_numpy(a) for a in data.prefixes.batch(idx.numpy()))
+        return len(data.prefixes), lambda idx: tuple(torch.from_numpy(a) for a in data.prefixes.batch(idx.numpy()))
     inputs_all, targets_all = torch.from_numpy(data.train.inputs), torch.from_numpy(data.train.targets)
-    return lambda idx: (inputs_all[idx], targets_all[idx])
+    return len(inputs_all), lambda idx: (inputs_all[idx], targets_all[idx])
 
 
 def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say) -> None:
     """Epochs of training from ``state`` (which a checkpoint may have restored
     mid-epoch), validating and checkpointing as it goes."""
-    batch_of = _batches_of(cfg.objective, data)
-    n = len(data.train) if cfg.objective == "every" else len(data.prefixes)
+    n, batch_of = _batches_of(cfg.objective, data)
     trainer = distributed.wrap(model, device)
     world = distributed.world_size()
     main_process = distributed.is_main()
