@@ -219,7 +219,6 @@ class CpRecCpu(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(
             NextItNetBlock(d, dil, conv1=conv, conv2=conv, eps=1e-8, backend="cpu") for dil in dilations
         )
-        self.conv = conv
         self.softmax = torch.nn.AdaptiveLogSoftmaxWithLoss(d, vocab, cutoffs[:-1], div_value=4.0)
 
     def trunk(self, ids):
