@@ -27,16 +27,31 @@ def mma(a, b, acc, MMA: tl.constexpr):
     return acc
 
 
-def mma_mode(t: torch.Tensor) -> str:
-    """The ``MMA`` constexpr of ``mma`` for inputs like ``t``."""
+def fp32_precision(kind: str) -> str:
+    """``input_precision`` of a float32 ``tl.dot`` that matches what eager torch does on
+    CUDA for the same op: "tf32" or "ieee".
+
+    kind "conv": cuDNN's flag ``torch.backends.cudnn.allow_tf32`` (True by default), as
+    ``F.conv1d`` follows it; kind "matmul": ``torch.get_float32_matmul_precision()``
+    (which ``torch.backends.cuda.matmul.allow_tf32`` sets; default "highest": IEEE).
+    """
+    if kind == "conv":
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    if kind == "matmul":
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    raise ValueError(f"kind must be 'conv' or 'matmul', got {kind!r}")
+
+
+def mma_mode(t: torch.Tensor, kind: str = "matmul") -> str:
+    """The ``MMA`` constexpr of ``mma`` for inputs like ``t`` of an op of ``kind``
+    ("conv" or "matmul", see ``fp32_precision``)."""
     if t.dtype == torch.float64:
         return "f64"
-    if t.dtype == torch.bfloat16 and t.device.type != "cuda":
-        return "upcast"
-    # float32 follows torch's matmul precision (default "highest": IEEE, no TF32).
-    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    if t.device.type != "cuda":
+        # The interpreter: bfloat16 needs the fp32 dot, and float32 stays exact (IEEE)
+        # so CPU checks against the float64 definition keep tight tolerances.
+        return "upcast" if t.dtype == torch.bfloat16 else "ieee"
+    return fp32_precision(kind) if t.dtype == torch.float32 else "tf32"
 
 
 def pow2(n: int, lo: int, hi: int) -> int:

@@ -17,7 +17,9 @@ Implicit GEMM: the B*T tokens form the M dimension of one GEMM per tap, ``tl.dot
 [BLOCK_M, BLOCK_R] tile of x shifted by s_k rows against a [BLOCK_R, BLOCK_N] tile of the
 tap's weight. The causal padding is the load mask ``t - s_k >= 0``, which also keeps a
 shifted tile from reading the previous sequence of the batch, so no padded copy of x
-exists. Accumulation is fp32; float64 inputs accumulate in fp64 through a
+exists. Accumulation is fp32; float32 dots use TF32 on CUDA exactly when
+``torch.backends.cudnn.allow_tf32`` is set (eager ``F.conv1d`` runs cuDNN, which follows
+it); float64 inputs accumulate in fp64 through a
 broadcast-and-sum product instead of ``tl.dot`` (no portable fp64 dot in Triton), a
 slow path kept for exact checks (gradcheck), not for speed.
 
@@ -342,7 +344,7 @@ def _launch_shifted_gemm(
     _shifted_gemm_kernel[grid](
         src, w_taps, _vec(bias, src), out, M, T, R, N, K, _first_tap(K, T, dilation), dilation, direction,
         HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
-        MMA=_mma_mode(src), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MMA=_mma_mode(src, "conv"), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
@@ -371,7 +373,7 @@ def _grad_weight(
     _grad_weight_kernel[grid](
         g, x, part_w, part_b, M, T, Ci, Co, K, k_start, dilation, chunk, n_ci_tiles,
         HAS_BIAS=need_bias, BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        MMA=_mma_mode(x), num_warps=4,
+        MMA=_mma_mode(x, "conv"), num_warps=4,
     )
     grad_w = part_w.sum(dim=0).permute(1, 2, 0)
     return grad_w, part_b.sum(dim=0) if need_bias else None
@@ -400,7 +402,7 @@ def _conv_ln_relu_bwd(
         M, T, Ci, Co, K, _first_tap(K, T, dilation), dilation,
         HAS_BIAS=bias is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
-        MMA=_mma_mode(x), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MMA=_mma_mode(x, "conv"), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     sums = [None if p is None else p.sum(dim=0) for p in (part_b, part_lnw, part_lnb)]
     return (gz, *sums)
@@ -458,7 +460,7 @@ def causal_conv1d_ln_relu_forward(
         out, mean, rstd, M, T, Ci, Co, K, _first_tap(K, T, dilation), dilation, eps,
         HAS_BIAS=bias is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
         HAS_RES=residual is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
-        MMA=_mma_mode(x), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MMA=_mma_mode(x, "conv"), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, mean, rstd
 
