@@ -159,6 +159,38 @@ def test_conv_ln_relu_float32_matches_reference_and_padded_conv(case):
     _assert_all_close([g.double() for g in got], exact, 1e-4, 1e-4, "vs F.conv1d + F.layer_norm")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", ["odd-d-all-inputs", "no-bias-no-ln-affine-no-residual-multi-chunk"])
+def test_conv_ln_relu_rows_split_over_column_tiles(monkeypatch, case, dtype):
+    """Rows wider than the row tile take the two-pass LayerNorm: 16-wide tiles here, so
+    Co = 19 and 20 span two tiles, the last one partly padded."""
+    from cprec_kernels.triton import conv
+
+    monkeypatch.setattr(conv, "ROW_TILE", 16)
+    monkeypatch.setattr(conv, "SPLIT_TILE", 16)
+    B, T, Ci, Co, K, dil, options = LN_CASES[case]
+    inputs = _inputs(B, T, Ci, Co, K, dtype=dtype, **options)
+    got = _value_and_grads(_ln_fn(dil, "triton"), inputs)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    exact = _value_and_grads(lambda **t: _independent_ln_relu(**t, dilation=dil), _in_float64(inputs))
+    _assert_all_close([g.double() for g in got], exact, tol, tol, "split rows vs F.conv1d + F.layer_norm")
+    args = [None if t is None else t.detach() for t in inputs.values()]
+    _, mean, rstd = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, dil, EPS, "triton")
+    _, ref_mean, ref_rstd = reference.causal_conv1d_ln_relu_forward(*args, dil, EPS)
+    _assert_all_close([mean, rstd], [ref_mean, ref_rstd], tol, tol, "split rows statistics")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+def test_conv_ln_relu_rows_split_half_precision(monkeypatch, dtype, tol):
+    from cprec_kernels.triton import conv
+
+    monkeypatch.setattr(conv, "ROW_TILE", 16)
+    monkeypatch.setattr(conv, "SPLIT_TILE", 16)
+    inputs = _inputs(2, 9, 24, 40, 3, dtype=dtype)
+    got = _value_and_grads(_ln_fn(2, "triton"), inputs)
+    _assert_near(got, _value_and_grads(_ln_fn(2, "torch"), inputs), tol, f"{dtype} split rows vs torch backend")
+
+
 def test_conv_ln_relu_statistics_match_reference():
     inputs = {k: None if t is None else t.detach() for k, t in _inputs(2, 9, 5, 19, 3).items()}
     args = (*inputs.values(), 2, EPS)

@@ -53,9 +53,18 @@ from ._common import pow2 as _pow2
 
 Tensor = torch.Tensor
 
-# Widest LayerNorm row one program holds: a 16-row weight tile of 1024 fp32 columns is
-# 64 KB of shared memory per pipeline stage, and past 512 the accumulator already spills.
+# Widest LayerNorm row the fused kernels take (a bound kept from the whole-row design;
+# the split path below has no hard limit, but wider rows are untested at speed).
 MAX_FUSED_WIDTH = 1024
+# Widest row the fused forward holds whole in one tile. A wider row (and in the
+# backward, whose epilogue holds about five tiles live, a row wider than SPLIT_TILE) is
+# swept in SPLIT_TILE-wide tiles with a two-pass LayerNorm (row statistics first, z
+# parked in the output buffer): a 64-row tile (what wgmma needs per warp group) of a
+# whole 1024-wide row would be 256 KB of fp32 accumulator, an SM's whole register
+# file. The sweep's nested loop costs about 70 more registers than a whole-row tile
+# of the same size (ptxas, sm_90), hence 128 and not 256.
+ROW_TILE = 256
+SPLIT_TILE = 128
 
 
 # --------------------------------------------------------------------------------------
@@ -143,26 +152,14 @@ def _shifted_gemm_kernel(
 
 
 @triton.jit
-def _conv_ln_relu_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, lnw_ptr, lnb_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr,
-    M, T, Ci, Co, K, k_start, dilation, eps,
-    HAS_BIAS: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    MMA: tl.constexpr,
+def _ln_relu_out(
+    z, mean, rstd, offs_m, offs_n, M, Co, lnw_ptr, lnb_ptr, res_ptr, out_ptr,
+    HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, HAS_RES: tl.constexpr,
 ):
-    """One program: BLOCK_M tokens x all Co channels; conv, then the LN/ReLU epilogue."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    z = _conv_tile(
-        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
-        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
-    )
+    """out[offs_m, offs_n] = relu((z - mean) * rstd * ln_w + ln_b) (+ residual); z: fp32."""
     row_ok = offs_m < M
     col_ok = (offs_n < Co)[None, :]
-    mean = tl.sum(z, axis=1) / Co  # padded columns hold exact zeros
-    diff = tl.where(col_ok, z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / Co + eps)
-    h = diff * rstd[:, None] * _load_vector(lnw_ptr, offs_n, Co, HAS_LNW, 1.0).to(z.dtype)[None, :]
+    h = (z - mean[:, None]) * rstd[:, None] * _load_vector(lnw_ptr, offs_n, Co, HAS_LNW, 1.0).to(z.dtype)[None, :]
     h += _load_vector(lnb_ptr, offs_n, Co, HAS_LNB, 0.0).to(z.dtype)[None, :]
     y = tl.maximum(h, 0.0)
     mask = row_ok[:, None] & col_ok
@@ -170,8 +167,102 @@ def _conv_ln_relu_fwd_kernel(
     if HAS_RES:
         y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(y.dtype)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_ln_relu_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, lnw_ptr, lnb_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr,
+    M, T, Ci, Co, K, k_start, dilation, eps,
+    HAS_BIAS: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    MMA: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """One program: BLOCK_M tokens x all Co channels; conv, then the LN/ReLU epilogue.
+    SPLIT (Co > BLOCK_N): pass 1 sweeps the column tiles, merging their mean and
+    centred sum of squares (Chan et al.) and parking z in out; pass 2 normalizes."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    if SPLIT:
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if MMA == "f64":
+            mean = mean.to(tl.float64)
+            m2 = m2.to(tl.float64)
+        for c0 in range(0, Co, BLOCK_N):
+            offs_n = c0 + tl.arange(0, BLOCK_N)
+            col_ok = (offs_n < Co)[None, :]
+            z = _conv_tile(
+                x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+            )
+            # Column counts before and after this tile, in the statistics' dtype.
+            n_old = tl.minimum(c0, Co).to(mean.dtype)
+            n_new = tl.minimum(c0 + BLOCK_N, Co).to(mean.dtype)
+            tile_mean = tl.sum(z, axis=1) / (n_new - n_old)  # padded columns hold exact zeros
+            diff = tl.where(col_ok, z - tile_mean[:, None], 0.0)
+            delta = tile_mean - mean
+            mean += delta * ((n_new - n_old) / n_new)
+            m2 += tl.sum(diff * diff, axis=1) + delta * delta * (n_old * (n_new - n_old) / n_new)
+            offs = offs_m[:, None] * Co + offs_n[None, :]
+            tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
+        rstd = 1.0 / tl.sqrt(m2 / Co + eps)
+        # Pass 2 reads z that other threads of this program wrote.
+        tl.debug_barrier()
+        for c0 in range(0, Co, BLOCK_N):
+            offs_n = c0 + tl.arange(0, BLOCK_N)
+            offs = offs_m[:, None] * Co + offs_n[None, :]
+            z = tl.load(out_ptr + offs, mask=row_ok[:, None] & (offs_n < Co)[None, :], other=0.0).to(mean.dtype)
+            _ln_relu_out(z, mean, rstd, offs_m, offs_n, M, Co, lnw_ptr, lnb_ptr, res_ptr, out_ptr,
+                         HAS_LNW, HAS_LNB, HAS_RES)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        z = _conv_tile(
+            x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+        )
+        mean = tl.sum(z, axis=1) / Co  # padded columns hold exact zeros
+        diff = tl.where((offs_n < Co)[None, :], z - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / Co + eps)
+        _ln_relu_out(z, mean, rstd, offs_m, offs_n, M, Co, lnw_ptr, lnb_ptr, res_ptr, out_ptr,
+                     HAS_LNW, HAS_LNB, HAS_RES)
     tl.store(mean_ptr + offs_m, mean.to(mean_ptr.dtype.element_ty), mask=row_ok)
     tl.store(rstd_ptr + offs_m, rstd.to(rstd_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _ln_relu_grad(
+    z, mean, rstd, offs_m, offs_n, pid, M, Co, grad_ptr, lnw_ptr, lnb_ptr, part_lnw_ptr, part_lnb_ptr,
+    HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, STORE_PARTS: tl.constexpr,
+):
+    """For a tile of z (fp32): (g * ln_w, zhat), 0 outside the tile's valid entries, with
+    g = grad_out * [h > 0]; STORE_PARTS writes the tile's LN-weight/bias grad sums."""
+    col_ok = offs_n < Co
+    mask = (offs_m < M)[:, None] & col_ok[None, :]
+    zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    lnw = _load_vector(lnw_ptr, offs_n, Co, HAS_LNW, 1.0).to(z.dtype)
+    h = zhat * lnw[None, :] + _load_vector(lnb_ptr, offs_n, Co, HAS_LNB, 0.0).to(z.dtype)[None, :]
+    g = tl.load(grad_ptr + offs_m[:, None] * Co + offs_n[None, :], mask=mask, other=0.0).to(z.dtype)
+    g = tl.where(h > 0, g, 0.0)
+    if STORE_PARTS:
+        if HAS_LNW:
+            tl.store(part_lnw_ptr + pid * Co + offs_n, tl.sum(g * zhat, axis=0), mask=col_ok)
+        if HAS_LNB:
+            tl.store(part_lnb_ptr + pid * Co + offs_n, tl.sum(g, axis=0), mask=col_ok)
+    return g * lnw[None, :], zhat
+
+
+@triton.jit
+def _store_gz(
+    g, zhat, rstd, c_one, c_zhat, offs_m, offs_n, pid, M, Co, gz_ptr, part_bias_ptr, HAS_BIAS: tl.constexpr,
+):
+    """LayerNorm backward of one tile: remove the components along 1 and along zhat
+    (row means c_one, c_zhat), store gz and, with a bias, its column sums."""
+    col_ok = offs_n < Co
+    mask = (offs_m < M)[:, None] & col_ok[None, :]
+    gz = tl.where(mask, rstd[:, None] * (g - c_one[:, None] - zhat * c_zhat[:, None]), 0.0)
+    tl.store(gz_ptr + offs_m[:, None] * Co + offs_n[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(part_bias_ptr + pid * Co + offs_n, tl.sum(gz, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -181,40 +272,54 @@ def _conv_ln_relu_bwd_kernel(
     M, T, Ci, Co, K, k_start, dilation,
     HAS_BIAS: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    MMA: tl.constexpr,
+    MMA: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Recompute z, then the fused ReLU + LayerNorm backward: gz [M, Co] and the
-    per-program partial sums (row ``pid`` of each [programs, Co] buffer)."""
+    per-program partial sums (row ``pid`` of each [programs, Co] buffer). SPLIT
+    (Co > BLOCK_N): pass 1 sweeps the column tiles for the two row means, parking z
+    in gz; pass 2 turns the parked z into gz, so the conv is computed once."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    z = _conv_tile(
-        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
-        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
-    )
     row_ok = offs_m < M
-    col_ok = offs_n < Co
-    mask = row_ok[:, None] & col_ok[None, :]
-    mean = tl.load(mean_ptr + offs_m, mask=row_ok, other=0.0).to(z.dtype)
-    rstd = tl.load(rstd_ptr + offs_m, mask=row_ok, other=0.0).to(z.dtype)
-    zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-    lnw = _load_vector(lnw_ptr, offs_n, Co, HAS_LNW, 1.0).to(z.dtype)
-    h = zhat * lnw[None, :] + _load_vector(lnb_ptr, offs_n, Co, HAS_LNB, 0.0).to(z.dtype)[None, :]
-    offs = offs_m[:, None] * Co + offs_n[None, :]
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(z.dtype)
-    g = tl.where(h > 0, g, 0.0)
-    if HAS_LNW:
-        tl.store(part_lnw_ptr + pid * Co + offs_n, tl.sum(g * zhat, axis=0), mask=col_ok)
-    if HAS_LNB:
-        tl.store(part_lnb_ptr + pid * Co + offs_n, tl.sum(g, axis=0), mask=col_ok)
-    g = g * lnw[None, :]
-    # LayerNorm backward: remove the components along 1 and along zhat.
-    c_zhat = tl.sum(g * zhat, axis=1) / Co
-    c_one = tl.sum(g, axis=1) / Co
-    gz = tl.where(mask, rstd[:, None] * (g - c_one[:, None] - zhat * c_zhat[:, None]), 0.0)
-    tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
-        tl.store(part_bias_ptr + pid * Co + offs_n, tl.sum(gz, axis=0), mask=col_ok)
+    mean = tl.load(mean_ptr + offs_m, mask=row_ok, other=0.0)  # fp32, fp64 for float64
+    rstd = tl.load(rstd_ptr + offs_m, mask=row_ok, other=0.0)
+    if SPLIT:
+        c_zhat = tl.zeros((BLOCK_M,), dtype=mean.dtype)
+        c_one = tl.zeros((BLOCK_M,), dtype=mean.dtype)
+        for c0 in range(0, Co, BLOCK_N):
+            offs_n = c0 + tl.arange(0, BLOCK_N)
+            z = _conv_tile(
+                x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+            )
+            g, zhat = _ln_relu_grad(z, mean, rstd, offs_m, offs_n, pid, M, Co, grad_ptr, lnw_ptr, lnb_ptr,
+                                    part_lnw_ptr, part_lnb_ptr, HAS_LNW, HAS_LNB, False)
+            c_zhat += tl.sum(g * zhat, axis=1)
+            c_one += tl.sum(g, axis=1)
+            offs = offs_m[:, None] * Co + offs_n[None, :]
+            tl.store(gz_ptr + offs, z.to(gz_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < Co)[None, :])
+        c_zhat = c_zhat / Co
+        c_one = c_one / Co
+        # Pass 2 reads z that other threads of this program wrote.
+        tl.debug_barrier()
+        for c0 in range(0, Co, BLOCK_N):
+            offs_n = c0 + tl.arange(0, BLOCK_N)
+            offs = offs_m[:, None] * Co + offs_n[None, :]
+            z = tl.load(gz_ptr + offs, mask=row_ok[:, None] & (offs_n < Co)[None, :], other=0.0).to(mean.dtype)
+            g, zhat = _ln_relu_grad(z, mean, rstd, offs_m, offs_n, pid, M, Co, grad_ptr, lnw_ptr, lnb_ptr,
+                                    part_lnw_ptr, part_lnb_ptr, HAS_LNW, HAS_LNB, True)
+            _store_gz(g, zhat, rstd, c_one, c_zhat, offs_m, offs_n, pid, M, Co, gz_ptr, part_bias_ptr, HAS_BIAS)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        z = _conv_tile(
+            x_ptr, w_ptr, bias_ptr, offs_m, offs_n, M, T, Ci, Co, K, k_start, dilation,
+            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, MMA,
+        )
+        g, zhat = _ln_relu_grad(z, mean, rstd, offs_m, offs_n, pid, M, Co, grad_ptr, lnw_ptr, lnb_ptr,
+                                part_lnw_ptr, part_lnb_ptr, HAS_LNW, HAS_LNB, True)
+        c_zhat = tl.sum(g * zhat, axis=1) / Co
+        c_one = tl.sum(g, axis=1) / Co
+        _store_gz(g, zhat, rstd, c_one, c_zhat, offs_m, offs_n, pid, M, Co, gz_ptr, part_bias_ptr, HAS_BIAS)
 
 
 @triton.jit
@@ -273,27 +378,33 @@ class _Tiles:
     num_stages: int
 
 
-def _gemm_tiles(M: int, R: int, N: int, dtype: torch.dtype, whole_rows: bool) -> _Tiles:
-    """Block sizes for the shifted GEMM: M tokens, reduction R, N outputs.
+def _gemm_tiles(M: int, R: int, N: int, dtype: torch.dtype, mma: str, row_tile: int = 0) -> _Tiles:
+    """Block sizes for the shifted GEMM: M tokens, reduction R, N outputs, ``mma`` the
+    mode of ``_common.mma``.
 
-    ``whole_rows`` makes BLOCK_N cover all of N (the LayerNorm epilogue needs it).
-    BLOCK_M keeps the accumulator at 32 fp32 values per thread (64 for the plain
-    GEMM, whose epilogue holds fewer tiles; half as many, and BLOCK_R <= 32, for
-    float32 inputs, whose IEEE dot keeps its operands in registers): the sizes that
-    compiled without register spills for sm_90 at d = 64..512 (ptxas of triton 3.9,
-    checked offline). A weight tile stays near 32 KB of shared memory per pipeline
-    stage; tl.dot wants every dim >= 16. Rows wider than 512, and float64 rows wider
-    than 64, do spill: correct, slower.
+    ``row_tile`` > 0 (the LayerNorm kernels): BLOCK_N covers all of N up to row_tile;
+    wider rows take the kernels' two-pass split. Tensor-core dots (half types, TF32)
+    take 64-row tiles, as wgmma needs 64 rows per warp group; a tile wider than 64
+    spreads over two warp groups (8 warps). IEEE float32 dots run on FMA with operands
+    in registers, so they keep 16 fp32 accumulators per thread (32 for the plain GEMM)
+    and BLOCK_R <= 32. These compiled for sm_90 without spills at d = 64, 256, 1024
+    (ptxas of triton 3.9 and 3.6, checked offline). A weight tile stays near 32 KB of
+    shared memory per pipeline stage; tl.dot wants every dim >= 16.
     """
     if dtype == torch.float64:
         # Broadcast-and-sum product: its [BLOCK_M, BLOCK_R, BLOCK_N] temporary is the bound.
-        block_n = _pow2(N, 16, 1 << 20) if whole_rows else _pow2(N, 16, 64)
+        block_n = _pow2(N, 16, row_tile) if row_tile else _pow2(N, 16, 64)
         return _Tiles(_pow2(M, 16, 16), block_n, _pow2(R, 4, max(4, 16384 // (16 * block_n))), 4, 1)
-    block_n = _pow2(N, 16, 1 << 20) if whole_rows else _pow2(N, 16, 128)
-    num_warps = 8 if whole_rows and block_n > 64 else 4
-    per_thread = (32 if whole_rows else 64) // (2 if dtype == torch.float32 else 1)
-    block_m = _pow2(M, 16, min(64, max(16, per_thread * 32 * num_warps // block_n)))
-    max_r = 32 if dtype == torch.float32 else 64
+    block_n = _pow2(N, 16, row_tile) if row_tile else _pow2(N, 16, 128)
+    if dtype != torch.float32 or mma == "tf32":
+        num_warps = 8 if block_n >= 128 else 4
+        block_m = _pow2(M, 16, 64)
+        max_r = 64 if dtype != torch.float32 else 32
+    else:
+        num_warps = 8 if row_tile and block_n > 64 else 4
+        per_thread = 16 if row_tile else 32
+        block_m = _pow2(M, 16, min(64, max(16, per_thread * 32 * num_warps // block_n)))
+        max_r = 32
     block_r = _pow2(R, 16, min(max_r, max(16, (32 * 1024) // (block_n * dtype.itemsize))))
     stage_bytes = (block_m + block_n) * block_r * dtype.itemsize
     num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
@@ -339,12 +450,13 @@ def _launch_shifted_gemm(
     """out [M, N] = sum_k src shifted by direction*s_k @ w_taps[k] (+ bias); src: [M, R]."""
     M, R = src.shape
     K, _, N = w_taps.shape
-    tiles = _gemm_tiles(M, R, N, src.dtype, whole_rows=False)
+    mma = _mma_mode(src, "conv")
+    tiles = _gemm_tiles(M, R, N, src.dtype, mma)
     grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n))
     _shifted_gemm_kernel[grid](
         src, w_taps, _vec(bias, src), out, M, T, R, N, K, _first_tap(K, T, dilation), dilation, direction,
         HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
-        MMA=_mma_mode(src, "conv"), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MMA=mma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
@@ -387,7 +499,8 @@ def _conv_ln_relu_bwd(
     B, T, Ci = x.shape
     Co, _, K = weight.shape
     M = B * T
-    tiles = _gemm_tiles(M, Ci, Co, x.dtype, whole_rows=True)
+    mma = _mma_mode(x, "conv")
+    tiles = _gemm_tiles(M, Ci, Co, x.dtype, mma, SPLIT_TILE)
     programs = triton.cdiv(M, tiles.block_m)
     a = acc_dtype(x.dtype)
 
@@ -402,7 +515,7 @@ def _conv_ln_relu_bwd(
         M, T, Ci, Co, K, _first_tap(K, T, dilation), dilation,
         HAS_BIAS=bias is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
-        MMA=_mma_mode(x, "conv"), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MMA=mma, SPLIT=tiles.block_n < Co, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     sums = [None if p is None else p.sum(dim=0) for p in (part_b, part_lnw, part_lnb)]
     return (gz, *sums)
@@ -451,7 +564,8 @@ def causal_conv1d_ln_relu_forward(
     Co, _, K = weight.shape
     _check_width(Co)
     M = B * T
-    tiles = _gemm_tiles(M, Ci, Co, x.dtype, whole_rows=True)
+    mma = _mma_mode(x, "conv")
+    tiles = _gemm_tiles(M, Ci, Co, x.dtype, mma, ROW_TILE if Co <= ROW_TILE else SPLIT_TILE)
     out = torch.empty(B, T, Co, dtype=x.dtype, device=x.device)
     mean = torch.empty(B, T, dtype=acc_dtype(x.dtype), device=x.device)
     rstd = torch.empty_like(mean)
@@ -460,7 +574,7 @@ def causal_conv1d_ln_relu_forward(
         out, mean, rstd, M, T, Ci, Co, K, _first_tap(K, T, dilation), dilation, eps,
         HAS_BIAS=bias is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
         HAS_RES=residual is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
-        MMA=_mma_mode(x, "conv"), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MMA=mma, SPLIT=tiles.block_n < Co, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, mean, rstd
 
