@@ -396,10 +396,16 @@ def _row_block() -> int:
 
 def _cfg(x: Tensor, w: Tensor) -> dict:
     """Block sizes of a logit tile x @ w^T: one fixed config from the width K (tl.dot
-    needs every dim >= 16). Bounded tiles keep shared memory small on any GPU."""
+    needs every dim >= 16). Bounded tiles keep shared memory small on any GPU.
+
+    IEEE float32 dots run on FMA with both operands in registers: there 64-row tiles
+    and 64-wide K steps spilled on sm_90 (up to 744 B of stack in the gradient kernels
+    at d = 256, triton 3.6 and 3.9), so rows and K steps halve to 32."""
+    precision = _mma_mode(w)
+    fma = w.dtype == torch.float32 and precision == "ieee"
     block = _row_block()
-    return dict(BLOCK_N=block, BLOCK_V=2 * block if block == 16 else block,
-                BLOCK_K=_pow2(x.shape[1], 16, 64), PRECISION=_mma_mode(w))
+    return dict(BLOCK_N=min(block, 32) if fma else block, BLOCK_V=2 * block if block == 16 else block,
+                BLOCK_K=_pow2(x.shape[1], 16, 32 if fma else 64), PRECISION=precision)
 
 
 def _out_block(K: int) -> int:
