@@ -398,14 +398,19 @@ def _cfg(x: Tensor, w: Tensor) -> dict:
     """Block sizes of a logit tile x @ w^T: one fixed config from the width K (tl.dot
     needs every dim >= 16). Bounded tiles keep shared memory small on any GPU.
 
-    IEEE float32 dots run on FMA with both operands in registers: there 64-row tiles
-    and 64-wide K steps spilled on sm_90 (up to 744 B of stack in the gradient kernels
-    at d = 256, triton 3.6 and 3.9), so rows and K steps halve to 32."""
+    float32 weights spilled on sm_90 with 64-wide K steps in 3 stages (up to 744 B of
+    stack in the gradient kernels at d = 256, ptxas of triton 3.6 and 3.9): they take
+    32-wide K steps in 2 stages, and IEEE dots, which run on FMA with both operands
+    in registers, also 32-row tiles."""
     precision = _mma_mode(w)
-    fma = w.dtype == torch.float32 and precision == "ieee"
+    fp32 = w.dtype == torch.float32
     block = _row_block()
-    return dict(BLOCK_N=min(block, 32) if fma else block, BLOCK_V=2 * block if block == 16 else block,
-                BLOCK_K=_pow2(x.shape[1], 16, 32 if fma else 64), PRECISION=precision)
+    cfg = dict(BLOCK_N=min(block, 32) if fp32 and precision == "ieee" else block,
+               BLOCK_V=2 * block if block == 16 else block,
+               BLOCK_K=_pow2(x.shape[1], 16, 32 if fp32 else 64), PRECISION=precision)
+    if fp32 and not _interpreting():
+        cfg["num_stages"] = 2
+    return cfg
 
 
 def _out_block(K: int) -> int:

@@ -396,10 +396,13 @@ def _gemm_tiles(M: int, R: int, N: int, dtype: torch.dtype, mma: str, row_tile: 
         block_n = _pow2(N, 16, row_tile) if row_tile else _pow2(N, 16, 64)
         return _Tiles(_pow2(M, 16, 16), block_n, _pow2(R, 4, max(4, 16384 // (16 * block_n))), 4, 1)
     block_n = _pow2(N, 16, row_tile) if row_tile else _pow2(N, 16, 128)
+    tf32_rows = dtype == torch.float32 and mma == "tf32" and row_tile > 0
     if dtype != torch.float32 or mma == "tf32":
         num_warps = 8 if block_n >= 128 else 4
         block_m = _pow2(M, 16, 64)
-        max_r = 64 if dtype != torch.float32 else 32
+        # TF32 LayerNorm tiles: 32-wide fp32 steps, 3 stages spilled 8-24 B in the
+        # backward (ptxas of triton 3.9 and 3.6); 16 wide in 2 stages do not.
+        max_r = 64 if dtype != torch.float32 else 16 if tf32_rows else 32
     else:
         num_warps = 8 if row_tile and block_n > 64 else 4
         per_thread = 16 if row_tile else 32
@@ -407,7 +410,7 @@ def _gemm_tiles(M: int, R: int, N: int, dtype: torch.dtype, mma: str, row_tile: 
         max_r = 32
     block_r = _pow2(R, 16, min(max_r, max(16, (32 * 1024) // (block_n * dtype.itemsize))))
     stage_bytes = (block_m + block_n) * block_r * dtype.itemsize
-    num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
+    num_stages = 3 if 3 * stage_bytes <= 160 * 1024 and not tf32_rows else 2
     return _Tiles(block_m, block_n, block_r, num_warps, num_stages)
 
 
