@@ -398,16 +398,17 @@ def _cfg(x: Tensor, w: Tensor) -> dict:
     """Block sizes of a logit tile x @ w^T: one fixed config from the width K (tl.dot
     needs every dim >= 16). Bounded tiles keep shared memory small on any GPU.
 
-    float32 weights spilled on sm_90 with 64-wide K steps in 3 stages (up to 744 B of
-    stack in the gradient kernels at d = 256, ptxas of triton 3.6 and 3.9): they take
-    32-wide K steps in 2 stages, and IEEE dots, which run on FMA with both operands
-    in registers, also 32-row tiles."""
+    float32 weights spilled on sm_90 with the half types' tiles (up to 744 B of stack
+    in the gradient kernels at d = 256, ptxas of triton 3.6 and 3.9). Without spills
+    (both versions, d = 256 and the tails' 64): IEEE dots, which run on FMA with both
+    operands in registers, in 32-row tiles; TF32 dots in 32-wide K steps; both in 2
+    pipeline stages."""
     precision = _mma_mode(w)
     fp32 = w.dtype == torch.float32
     block = _row_block()
     cfg = dict(BLOCK_N=min(block, 32) if fp32 and precision == "ieee" else block,
                BLOCK_V=2 * block if block == 16 else block,
-               BLOCK_K=_pow2(x.shape[1], 16, 32 if fp32 else 64), PRECISION=precision)
+               BLOCK_K=_pow2(x.shape[1], 16, 32 if fp32 and precision == "tf32" else 64), PRECISION=precision)
     if fp32 and not _interpreting():
         cfg["num_stages"] = 2
     return cfg

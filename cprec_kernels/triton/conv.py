@@ -28,14 +28,18 @@ statistics are small next to the activations):
   forward, one kernel: reads x once from HBM (the K taps re-read its rows from L2) and
     the residual, writes out: 3 M*d*e with a residual, 2 without, against about 11 for
     eager (pad copy 2, conv 2, LayerNorm 2, ReLU 2, residual add 3). One program holds
-    whole rows of Co (BLOCK_N = next power of two >= Co), so the LayerNorm statistics
-    never leave registers; only mean and rstd are written for the backward.
+    whole rows of Co (BLOCK_N = next power of two >= Co) up to ROW_TILE, so the
+    LayerNorm statistics never leave registers; only mean and rstd are written for the
+    backward. Wider rows go in SPLIT_TILE-wide tiles, z parked in out between the
+    statistics pass and the normalizing pass: 2 M*d*e more, mostly from L2 (the
+    program's own rows, just written).
   backward, three kernels: (1) recompute z from x, fused ReLU + LayerNorm backward:
     reads x and grad_out, writes gz (input dtype) and per-program partial sums of the
     LN-weight, LN-bias and bias grads (3 M*d*e); (2) grad_x as K anti-causal shifted
     GEMMs over gz (2 M*d*e); (3) grad_W per tap, a reduction over token chunks whose
     fp32 partials torch sums in a fixed order (deterministic): reads gz and x once per
-    64 x 64 weight tile, mostly from L2. Pre-norm activations are never stored.
+    64 x 64 weight tile, mostly from L2. Pre-norm activations are never stored (split
+    rows park z in gz for the program's second pass only).
 """
 from __future__ import annotations
 
