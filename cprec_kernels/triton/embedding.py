@@ -97,7 +97,9 @@ def _add_block(
     member = live & (ids >= lo) & (ids < hi)
     # Zipf ids mostly sit in the head, so many tiles hold no token of a tail block.
     if tl.max(member.to(tl.int32), axis=0) > 0:
-        rows = tl.where(member, ids - lo, 0)
+        # A clamp, not tl.where(member, ...): triton 3.6 fails to lower an op on the i1
+        # ``member`` here once two blocks reach tl.dot. Members' rows are unchanged.
+        rows = tl.minimum(tl.maximum(ids - lo, 0), hi - lo - 1)
         in_d = offs_d < D
         if HAS_PROJ:
             for k0 in range(0, D_J, BLOCK_K):
