@@ -104,14 +104,19 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return {"regs": found.get("reg", 0), "stack": max(found.get("stack", 0), found.get("local", 0))}
 
 
-def spill_bytes(ptx: str) -> int:
-    """Spill stores per thread that ptxas -v reports for a PTX listing (its own target)."""
-    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+def spill_bytes(ptx: str, arch: int = 90) -> int:
+    """Spill stores per thread that ptxas -v reports for a PTX listing, with the ptxas and
+    the register-allocation flag Triton itself uses for ``arch``."""
+    from triton.backends.nvidia.compiler import get_ptxas, get_ptxas_version
+
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    # Triton >= 3.7 passes this to ptxas 13 (a register-allocation bug workaround).
+    extra = ["--regAllocOptLevel=2"] if "release 13" in get_ptxas_version(arch) else []
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_tool("ptxas"), "-v", "-lineinfo", f"--gpu-name={arch}", src, "-o",
+        log = subprocess.run([get_ptxas(arch).path, "-v", "-lineinfo", *extra, f"--gpu-name={target}", src, "-o",
                               os.path.join(tmp, "k.cubin")], check=True, capture_output=True, text=True).stderr
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 

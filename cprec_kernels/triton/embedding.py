@@ -322,7 +322,8 @@ def _launch_forward(flat: Tensor, out: Tensor, weights, projections, edges, padd
     n, d = out.shape
     f64 = out.dtype == torch.float64
     block_n = 16 if f64 else 64
-    block_d = _pow2(d, 16, 32 if f64 else 128)
+    # float32 (IEEE: an FMA product) spills at 128 columns: 64x128 accumulators + operands.
+    block_d = _pow2(d, 16, 32 if f64 else 64 if out.dtype == torch.float32 else 128)
     args, widths, k_tiles, has_proj = [], [], [], []
     for slot in range(MAX_BLOCKS_PER_LAUNCH):
         j = blocks[min(slot, len(blocks) - 1)]  # unused slots repeat a real block; NUM_BLOCKS masks them
