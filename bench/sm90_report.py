@@ -48,6 +48,9 @@ WHY = {
                                 "here, kept small so the fp32 accumulator of the whole row fits in registers)",
     "_conv_ln_relu_bwd_kernel": "recomputes the forward tile (whole row per program, BLOCK_M < 64 rows), so the "
                                 "same limit as the fused forward applies",
+    "_table_grad_kernel": "its M tile is CHUNK = 32 sorted positions (runs of equal ids are summed per chunk with "
+                          "a [CHUNK, CHUNK] 0/1 product); wgmma needs 64 rows per warp group",
+    "_rows_outer_kernel": "its M is the tail's width d_j (16 for the last tail at d = 256, div 4): no 64-row tile",
 }
 NO_DOT = "no tl.dot: a gather / reduction / carry kernel, bandwidth-bound"
 
