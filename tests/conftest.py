@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("CPREC_RECORD_LAUNCHES"):  # .ci/run: recompiled for sm_90 by bench/sm90_compile.py
+    import runpy
+
+    _bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "sm90_compile.py")
+    runpy.run_path(_bench)["record_launches"](os.environ["CPREC_RECORD_LAUNCHES"])
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 

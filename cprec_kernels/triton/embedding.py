@@ -97,7 +97,9 @@ def _add_block(
     member = live & (ids >= lo) & (ids < hi)
     # Zipf ids mostly sit in the head, so many tiles hold no token of a tail block.
     if tl.max(member.to(tl.int32), axis=0) > 0:
-        rows = tl.where(member, ids - lo, 0)
+        # A clamp, not tl.where(member, ...): triton 3.6 fails to lower an op on the i1
+        # ``member`` here once two blocks reach tl.dot. Members' rows are unchanged.
+        rows = tl.minimum(tl.maximum(ids - lo, 0), hi - lo - 1)
         in_d = offs_d < D
         if HAS_PROJ:
             for k0 in range(0, D_J, BLOCK_K):
@@ -320,7 +322,8 @@ def _launch_forward(flat: Tensor, out: Tensor, weights, projections, edges, padd
     n, d = out.shape
     f64 = out.dtype == torch.float64
     block_n = 16 if f64 else 64
-    block_d = _pow2(d, 16, 32 if f64 else 128)
+    # float32 (IEEE: an FMA product) spills at 128 columns: 64x128 accumulators + operands.
+    block_d = _pow2(d, 16, 32 if f64 else 64 if out.dtype == torch.float32 else 128)
     args, widths, k_tiles, has_proj = [], [], [], []
     for slot in range(MAX_BLOCKS_PER_LAUNCH):
         j = blocks[min(slot, len(blocks) - 1)]  # unused slots repeat a real block; NUM_BLOCKS masks them

@@ -182,55 +182,63 @@ __host__ __device__ inline int64_t staged_floats(int64_t dj, int64_t slice) {
   return kFwdWarps * kTok * dj + dj * (slice + 1);
 }
 
-template <typename T, typename Idx>
-__global__ void __launch_bounds__(kFwdThreads) forward_kernel(const __grid_constant__ FwdParams p) {
-  extern __shared__ float smem[];
-  __shared__ int list_tok[kFwdTile];
-  __shared__ int64_t list_row[kFwdTile];
-  __shared__ int zero_tok[kFwdTile];
-  __shared__ int count, zero_count;
-
-  const int j = blockIdx.y;
-  const FwdBlock& b = p.blocks[j];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kFwdTile;
-  if (threadIdx.x == 0) count = zero_count = 0;
+// The tile's tokens in block j go to (list_tok, list_row), *count of them; for j = 0 the
+// padding and out-of-range ones go to zero_tok, *zero_count of them (so every row is
+// written once). List order is irrelevant: each row is computed by one warp with a fixed
+// summation order, so the result does not depend on it.
+template <typename Idx>
+__device__ void collect_tile(const FwdParams& p, const FwdBlock& b, int j, int64_t n0, int* list_tok,
+                             int64_t* list_row, int* zero_tok, int* count, int* zero_count) {
+  if (threadIdx.x == 0) *count = *zero_count = 0;
   __syncthreads();
-  // The tokens of this tile in block j (list order is irrelevant: each row is computed
-  // by one warp with a fixed summation order, so the result does not depend on it).
   const int64_t n = n0 + threadIdx.x;
   if (n < p.n) {
     const int64_t id = static_cast<int64_t>(static_cast<const Idx*>(p.ids)[n * p.id_stride]);
     const bool pad = p.has_padding && id == p.padding;
     if (!pad && id >= b.lo && id < b.hi) {
-      const int slot = atomicAdd(&count, 1);
+      const int slot = atomicAdd(count, 1);
       list_tok[slot] = threadIdx.x;
       list_row[slot] = id - b.lo;
     } else if (j == 0 && (pad || id < 0 || id >= p.vocab)) {
-      zero_tok[atomicAdd(&zero_count, 1)] = threadIdx.x;
+      zero_tok[atomicAdd(zero_count, 1)] = threadIdx.x;
     }
   }
   __syncthreads();
-  const int64_t d = p.d;
+}
+
+// Identity block (d_j = d): one warp per token copies its row.
+template <typename T>
+__device__ void forward_identity(const FwdParams& p, const FwdBlock& b, int64_t n0, const int* list_tok,
+                                 const int64_t* list_row, int m) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T* out = static_cast<T*>(p.out);
-  for (int i = warp; i < zero_count; i += kFwdWarps) zero_row(out + (n0 + zero_tok[i]) * d, d, p.out_vec, lane);
-  const int m = count;  // CTA-uniform: the returns below keep every __syncthreads reachable
-  if (m == 0) return;
   const T* table = static_cast<const T*>(b.table);
-  const int64_t dj = b.width;
+  for (int i = warp; i < m; i += kFwdWarps)
+    copy_row(out + (n0 + list_tok[i]) * p.d, table + list_row[i] * p.d, p.d, b.vec && p.out_vec, lane);
+}
 
-  if (b.proj == nullptr) {  // identity: d_j = d
-    for (int i = warp; i < m; i += kFwdWarps)
-      copy_row(out + (n0 + list_tok[i]) * d, table + list_row[i] * d, d, b.vec && p.out_vec, lane);
-    return;
-  }
+// Projected block, P_j read through L1: one warp per token.
+template <typename T>
+__device__ void forward_projected_l1(const FwdParams& p, const FwdBlock& b, int64_t n0, const int* list_tok,
+                                     const int64_t* list_row, int m) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* out = static_cast<T*>(p.out);
+  const T* table = static_cast<const T*>(b.table);
+  for (int i = warp; i < m; i += kFwdWarps)
+    project_row_l1(out + (n0 + list_tok[i]) * p.d, table + list_row[i] * b.width, static_cast<const T*>(b.proj),
+                   p.d, b.width, lane);
+}
+
+// Projected block with P_j^T staged in shared memory in column slices (see the header).
+// Called by the whole CTA: it holds __syncthreads.
+template <typename T>
+__device__ void forward_projected_staged(const FwdParams& p, const FwdBlock& b, int64_t n0, const int* list_tok,
+                                         const int64_t* list_row, int m, float* smem) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t d = p.d, dj = b.width;
+  T* out = static_cast<T*>(p.out);
+  const T* table = static_cast<const T*>(b.table);
   const T* proj = static_cast<const T*>(b.proj);
-  if (b.slice == 0 || m < kMinStagedTokens) {
-    for (int i = warp; i < m; i += kFwdWarps)
-      project_row_l1(out + (n0 + list_tok[i]) * d, table + list_row[i] * dj, proj, d, dj, lane);
-    return;
-  }
-
   float* rows = smem + static_cast<int64_t>(warp) * kTok * dj;  // this warp's kTok rows [kTok, d_j]
   float* pt = smem + static_cast<int64_t>(kFwdWarps) * kTok * dj;  // P^T slice [d_j, slice + 1]
   const int ld = b.slice + 1;
@@ -285,6 +293,32 @@ __global__ void __launch_bounds__(kFwdThreads) forward_kernel(const __grid_const
         }
       }
     }
+  }
+}
+
+template <typename T, typename Idx>
+__global__ void __launch_bounds__(kFwdThreads) forward_kernel(const __grid_constant__ FwdParams p) {
+  extern __shared__ float smem[];
+  __shared__ int list_tok[kFwdTile];
+  __shared__ int64_t list_row[kFwdTile];
+  __shared__ int zero_tok[kFwdTile];
+  __shared__ int count, zero_count;
+
+  const int j = blockIdx.y;
+  const FwdBlock& b = p.blocks[j];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kFwdTile;
+  collect_tile<Idx>(p, b, j, n0, list_tok, list_row, zero_tok, &count, &zero_count);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = warp; i < zero_count; i += kFwdWarps)
+    zero_row(static_cast<T*>(p.out) + (n0 + zero_tok[i]) * p.d, p.d, p.out_vec, lane);
+  const int m = count;  // CTA-uniform, so the staged path's __syncthreads are reached by all
+  if (m == 0) return;
+  if (b.proj == nullptr) {
+    forward_identity<T>(p, b, n0, list_tok, list_row, m);
+  } else if (b.slice == 0 || m < kMinStagedTokens) {
+    forward_projected_l1<T>(p, b, n0, list_tok, list_row, m);
+  } else {
+    forward_projected_staged<T>(p, b, n0, list_tok, list_row, m, smem);
   }
 }
 
