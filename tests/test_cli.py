@@ -61,7 +61,7 @@ def test_output_resume_and_evaluate(capsys, tmp_path):
 def test_resume_with_other_flags_is_refused(capsys, tmp_path):
     run_json(capsys, "train", *TINY, "--epochs", "1", "--output", str(tmp_path))
     code = main(["train", *TINY, "--dim", "8", "--output", str(tmp_path), "--resume"])
-    assert code == 1 and "was written for model config" in capsys.readouterr().err
+    assert code == 1 and "cannot resume with other settings" in capsys.readouterr().err
 
 
 class _RunsCode:
