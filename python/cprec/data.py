@@ -109,32 +109,25 @@ def _sniff(path: Path) -> str:
     """
     first = width = varying = text_below = padding = None
     first_is_text = False
-    with _open_text(path) as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                # Quoted fields may hold commas (titles as item ids).
-                fields = [x.strip() for x in (next(csv.reader([line])) if '"' in line else line.split(","))]
-                is_text = not all(_NUMBER.match(x) for x in fields)
-                if first is None:
-                    first, width, first_is_text = (lineno, line), len(fields), is_text
-                    if "::" in line:
-                        return "movielens-dat"
-                    if "\t" in line:
-                        return "tsv"  # sessions are comma-separated: tabs mean a log, whose reader checks it
-                    if _is_header(fields):
-                        return "csv"
-                else:
-                    if varying is None and len(fields) != width:
-                        varying = (lineno, line)
-                    if text_below is None and is_text:
-                        text_below = (lineno, line)
-                if padding is None and _padded(fields):
-                    padding = (lineno, line)
-        except (UnicodeDecodeError, OSError, EOFError) as err:
-            raise DataError(f"{path}: unreadable ({err})") from err
+    for lineno, line in _lines(path):
+        # Quoted fields may hold commas (titles as item ids).
+        fields = [x.strip() for x in (next(csv.reader([line])) if '"' in line else line.split(","))]
+        is_text = not all(_NUMBER.match(x) for x in fields)
+        if first is None:
+            first, width, first_is_text = (lineno, line), len(fields), is_text
+            if "::" in line:
+                return "movielens-dat"
+            if "\t" in line:
+                return "tsv"  # sessions are comma-separated: tabs mean a log, whose reader checks it
+            if _is_header(fields):
+                return "csv"
+        else:
+            if varying is None and len(fields) != width:
+                varying = (lineno, line)
+            if text_below is None and is_text:
+                text_below = (lineno, line)
+        if padding is None and _padded(fields):
+            padding = (lineno, line)
     if first is None:
         raise DataError(f"{path}: no interactions or sessions (the file is empty)")
     if first_is_text and text_below is None:
@@ -167,24 +160,29 @@ def _column(header: List[str], names: Sequence[str], what: str, path: Path) -> i
     raise DataError(f"{path}:1: no {what} column in header {header} (looked for {list(names)})")
 
 
-def _rows(path: Path, fmt: str) -> Iterable[Tuple[int, List[str]]]:
-    """(line number, fields) of each non-empty line."""
+def _lines(path: Path) -> Iterable[Tuple[int, str]]:
+    """(line number, text without the line break) of each non-empty line, streamed."""
     with _open_text(path) as f:
         try:
             for lineno, line in enumerate(f, start=1):
                 line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if fmt == "movielens-dat":
-                    yield lineno, line.split("::")
-                elif fmt in ("udata", "recbole", "tsv"):
-                    yield lineno, line.split("\t")
-                elif fmt == "csv":
-                    yield lineno, next(csv.reader([line]))
-                else:
-                    yield lineno, line.split(",")
+                if line.strip():
+                    yield lineno, line
         except (UnicodeDecodeError, OSError, EOFError) as err:
             raise DataError(f"{path}: unreadable ({err})") from err
+
+
+def _rows(path: Path, fmt: str) -> Iterable[Tuple[int, List[str]]]:
+    """(line number, fields) of each non-empty line."""
+    for lineno, line in _lines(path):
+        if fmt == "movielens-dat":
+            yield lineno, line.split("::")
+        elif fmt in ("udata", "recbole", "tsv"):
+            yield lineno, line.split("\t")
+        elif fmt == "csv":
+            yield lineno, next(csv.reader([line]))
+        else:
+            yield lineno, line.split(",")
 
 
 def _is_header(fields: List[str]) -> bool:
