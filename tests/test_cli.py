@@ -149,6 +149,16 @@ def test_resume_refuses_changed_training_flags_naming_only_them(capsys, tmp_path
     assert _run_files(tmp_path) == before
 
 
+def test_resume_refuses_changed_data(capsys, tmp_path):
+    data = tmp_path / "sessions.csv"
+    data.write_text("".join(f"{i % 7},{(i * 3) % 11},{i % 5},{(i + 2) % 13}\n" for i in range(60)) + "1,2\n")
+    args = ["train", *ONE, "--data", str(data), "--max-len", "5", "--output", str(tmp_path / "run")]
+    run_json(capsys, *args)
+    data.write_text(data.read_text().replace("1,2\n", "1,3\n"))  # same items, other frequencies
+    assert main([*args, "--resume"]) == 1
+    assert "data: '" in capsys.readouterr().err
+
+
 def test_resume_compares_keys_missing_from_old_checkpoints_with_their_defaults():
     from cprec.train import TrainConfig, config_changes
 

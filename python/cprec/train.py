@@ -217,7 +217,7 @@ def _prepare_output(cfg: TrainConfig, main_process: bool) -> Optional[Path]:
     out_dir = Path(cfg.output)
     held = [name for name in RUN_FILES if (out_dir / name).exists()]
     if held and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"{out_dir} holds a run ({', '.join(held)}): pass --resume to continue it, "
+        raise ValueError(f"--output {out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                          "--overwrite to replace it, or another --output")
     if cfg.resume and "metrics.json" in held and "checkpoint.pt" not in held:
         raise ValueError(f"{out_dir} holds a finished run without checkpoint.pt, so --resume cannot continue "
@@ -237,9 +237,10 @@ def _refuse_changes(path: Path, ckpt: dict, cfg: TrainConfig, mcfg: dict, data: 
         old = ckpt["model_config"]
         changes = {f"model {k}": (old.get(k), mcfg.get(k)) for k in sorted(set(old) | set(mcfg))
                    if old.get(k) != mcfg.get(k)}
-    counts = torch.as_tensor(data.counts)
-    if not changes and not (ckpt["counts"].shape == counts.shape and torch.equal(ckpt["counts"].to(counts.dtype), counts)):
-        changes["data"] = ("other item counts", "these")
+    old_counts, counts = ckpt["counts"], torch.as_tensor(data.counts)
+    if not changes and not (old_counts.shape == counts.shape and torch.equal(old_counts.to(counts.dtype), counts)):
+        changes["data"] = (f"{len(old_counts)} items, {int(old_counts.sum())} training interactions",
+                           f"{len(counts)} items, {int(counts.sum())} (other item frequencies)")
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         raise CheckpointError(f"{path}: cannot resume with other settings ({listed}); resume with the recorded "
