@@ -108,11 +108,12 @@ def _sniff(path: Path) -> str:
     header this reader does not know, fewer than 3 columns) is ambiguous: an error.
     """
     first = width = varying = text_below = padding = None
-    first_is_text = False
+    first_is_text, lines = False, 0
     for lineno, line in _lines(path):
         # Quoted fields may hold commas (titles as item ids).
         fields = [x.strip() for x in (next(csv.reader([line])) if '"' in line else line.split(","))]
         is_text = not all(_NUMBER.match(x) for x in fields)
+        lines += 1
         if first is None:
             first, width, first_is_text = (lineno, line), len(fields), is_text
             if "::" in line:
@@ -130,7 +131,7 @@ def _sniff(path: Path) -> str:
             padding = (lineno, line)
     if first is None:
         raise DataError(f"{path}: no interactions or sessions (the file is empty)")
-    if first_is_text and text_below is None:
+    if first_is_text and text_below is None and lines > 1:
         raise _ambiguous(path, *first, "the first line has text and the others only numbers, like a header, but "
                          f"it names no user or item column (one of {list(_USER_COLUMNS + _ITEM_COLUMNS)})")
     if varying is not None or width > max(_LOG_WIDTHS):
