@@ -61,7 +61,7 @@ def test_output_resume_and_evaluate(capsys, tmp_path):
 def test_resume_with_other_flags_is_refused(capsys, tmp_path):
     run_json(capsys, "train", *TINY, "--epochs", "1", "--output", str(tmp_path))
     code = main(["train", *TINY, "--dim", "8", "--output", str(tmp_path), "--resume"])
-    assert code == 1 and "was written for model config" in capsys.readouterr().err
+    assert code == 1 and "cannot resume with other settings" in capsys.readouterr().err
 
 
 class _RunsCode:
@@ -119,3 +119,86 @@ def test_default_budget_beats_popularity(capsys):
     assert result["model"] == "cprec" and _finite(result["test"])
     for metric in ("NDCG@10", "HR@10", "MRR@10"):
         assert result["test"][metric] > result["baseline_test"][metric]
+
+
+# --- no silent overwrites (issue 17) -----------------------------------------------------
+ONE = [*TINY, "--epochs", "1", "--limit-batches", "2"]
+
+
+def _run_files(out):
+    return {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.json", "train_log.jsonl")}
+
+
+def test_pop_resume_over_a_trained_run_is_refused(capsys, tmp_path):
+    run_json(capsys, "train", "--model", "nextitnet", *ONE, "--output", str(tmp_path))
+    before = _run_files(tmp_path)
+    assert main(["train", "--model", "pop", *ONE, "--output", str(tmp_path), "--resume"]) == 1
+    assert "model: 'nextitnet' -> 'pop'" in capsys.readouterr().err
+    assert _run_files(tmp_path) == before
+
+
+def test_resume_refuses_changed_training_flags_naming_only_them(capsys, tmp_path):
+    run_json(capsys, "train", *ONE, "--output", str(tmp_path))
+    before = _run_files(tmp_path)
+    code = main(["train", *ONE, "--lr", "0.01", "--batch-size", "16", "--objective", "last",
+                 "--output", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "lr: 0.003 -> 0.01" in err and "batch_size: 32 -> 16" in err and "objective: 'every' -> 'last'" in err
+    assert "epochs" not in err and "{" not in err  # only the keys that differ, not whole configs
+    assert _run_files(tmp_path) == before
+
+
+def test_resume_refuses_changed_data(capsys, tmp_path):
+    data = tmp_path / "sessions.csv"
+    data.write_text("".join(f"{i % 7},{(i * 3) % 11},{i % 5},{(i + 2) % 13}\n" for i in range(60)) + "1,2\n")
+    args = ["train", *ONE, "--data", str(data), "--max-len", "5", "--output", str(tmp_path / "run")]
+    run_json(capsys, *args)
+    data.write_text(data.read_text().replace("1,2\n", "1,3\n"))  # same items, other frequencies
+    assert main([*args, "--resume"]) == 1
+    assert "data: '" in capsys.readouterr().err
+
+
+def test_resume_compares_keys_missing_from_old_checkpoints_with_their_defaults():
+    from cprec.train import TrainConfig, config_changes
+
+    recorded = TrainConfig(lr=0.5).to_dict()
+    del recorded["weight_decay"]  # an option that did not exist when the run started
+    assert config_changes(recorded, TrainConfig(lr=0.5, epochs=99)) == {}
+    assert config_changes(recorded, TrainConfig(lr=0.5, weight_decay=0.1)) == {"weight_decay": (0.0, 0.1)}
+    assert config_changes({**recorded, "gone": 1}, TrainConfig(lr=0.5)) == {"gone": (1, "(no such option)")}
+
+
+def test_output_onto_a_run_needs_resume_or_overwrite(capsys, tmp_path):
+    run_json(capsys, "train", *TINY, "--output", str(tmp_path))
+    before = _run_files(tmp_path)
+    assert main(["train", *ONE, "--output", str(tmp_path)]) == 1
+    assert "holds a run" in capsys.readouterr().err and _run_files(tmp_path) == before
+    fresh = run_json(capsys, "train", *ONE, "--output", str(tmp_path), "--overwrite")
+    log = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in log] == fresh["history"] and len(log) == 1
+    assert main(["train", *ONE, "--output", str(tmp_path), "--overwrite", "--resume"]) == 1
+
+
+def test_train_seconds_accumulate_over_resumes(capsys, tmp_path):
+    from cprec.checkpoint import load_checkpoint
+
+    run_json(capsys, "train", *ONE, "--output", str(tmp_path))
+    first = load_checkpoint(tmp_path / "checkpoint.pt")["progress"]["train_seconds"]
+    resumed = run_json(capsys, "train", *ONE, "--epochs", "2", "--output", str(tmp_path), "--resume")
+    assert first > 0 and resumed["train_seconds"] >= first + resumed["history"][1]["seconds"] - 0.01
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(capsys):
+    args = ["train", *[a for a in ONE if a != "--quiet"]]
+    assert main(args) == 0  # capsys' stderr is no terminal
+    err = capsys.readouterr().err
+    assert "epoch 1: loss" in err and "epoch 1/1" not in err
+    assert main([*args, "--progress"]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_params_help_names_the_output_layer_flag():
+    out = subprocess.run([sys.executable, "-m", "cprec", "params", "--help"], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, COLUMNS="1000")).stdout
+    assert "--input-layer/--output-layer" in out

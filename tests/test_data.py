@@ -15,6 +15,8 @@ from cprec.data import (
     read_sessions,
 )
 
+FORMAT_HINT = "--format sessions.*--format csv"
+
 
 def _write(path, text, gz=False):
     if gz:
@@ -61,7 +63,8 @@ def test_sessions_drop_padding(tmp_path):
         ("x.inter", "1\t2\t3\t4\n", r"x.inter:1: a RecBole .inter file starts with a typed header"),
         ("x.inter", "user_id:token\trating:float\ttimestamp:float\n", r"x.inter:1: no item column"),
         ("seq.txt", "1,2\n3,,4\n", r"seq.txt:2: empty item id"),
-        ("seq.txt", "\n\n", "no sequences"),
+        ("seq.txt", "\n\n", "the file is empty"),
+        ("seq.txt", "-1,-1\n-1,-1,-1\n", "no sequences"),
         ("ratings.dat", "1::2\n", r"ratings.dat:1: expected user, item"),
         ("data.bin", "x", "cannot tell the format"),
     ],
@@ -140,3 +143,66 @@ def test_shared_datasets_load(shared_data):
     assert len(seq20) == 25242 and max(map(len, seq20)) == 20
     ml1m = read_sequences(os.path.join(shared_data, "ml-1m", "ml-1m.inter.gz"))
     assert len(ml1m) == 6040 and sum(map(len, ml1m)) == 1000209
+
+
+# --- format detection never guesses (issue 17) -------------------------------------------
+def test_session_csv_of_varying_length_reads_as_sessions(tmp_path):
+    """A NextItNet-style .csv (one session per line) was read as user,item,...,timestamp."""
+    p = _write(tmp_path / "sessions.csv", "5,6,7,8\n1,2\n9,5,6\n")
+    assert read_sequences(p) == [["5", "6", "7", "8"], ["1", "2"], ["9", "5", "6"]]
+    text = _write(tmp_path / "items.csv", "apple,pear,fig\nfig,kiwi\n")
+    assert read_sequences(text) == [["apple", "pear", "fig"], ["fig", "kiwi"]]
+
+
+def test_fixed_length_padded_sessions_read_as_sessions(tmp_path):
+    p = _write(tmp_path / "seq.csv", "-1,-1,-1,4,5,6\n1,2,3,4,5,6\n")
+    assert read_sequences(p) == [["4", "5", "6"], ["1", "2", "3", "4", "5", "6"]]
+
+
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ("a,b,c\nd,e,f\n", 1),  # 3 text fields: a log with text ids, or sessions of text items
+        ("u1,i1,5\nu1,i2,1\n", 1),
+        ("1,2,3,4\n-1,-1,5,6\n", 2),  # log-like widths with session padding
+        ("customer,product,when\n1,2,3\n", 1),  # a header this reader does not know
+        ("1,2\n3,4\n", 1),  # too few columns for a log
+    ],
+)
+def test_ambiguous_files_are_errors_naming_line_and_formats(tmp_path, text, line):
+    p = _write(tmp_path / "data.csv", text)
+    with pytest.raises(DataError, match=rf"data.csv:{line}: cannot tell the format.*{FORMAT_HINT}"):
+        read_sequences(p)
+
+
+def test_interaction_logs_still_detected(tmp_path):
+    plain = _write(tmp_path / "log.csv", "1,10,4.0,30\n1,11,3.0,10\n2,10,5.0,5\n")
+    assert read_sequences(plain) == [["11", "10"], ["10"]]
+    tabs = _write(tmp_path / "log.txt", "1\t10\t30\n1\t11\t10\n")
+    assert read_sequences(tabs) == [["11", "10"]]
+
+
+def test_text_timestamps_name_the_sessions_format(tmp_path):
+    p = _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,soon\n")
+    with pytest.raises(DataError, match="not a number.*--format sessions"):
+        read_sequences(p)
+
+
+@pytest.mark.parametrize(
+    "name,header",
+    [("ratings.csv", "userId,movieId,rating,timestamp"), ("x.inter", "user_id:token\titem_id:token\ttimestamp:float")],
+)
+def test_sessions_refuses_a_log_header(tmp_path, name, header):
+    p = _write(tmp_path / name, header + "\n1,2,3,4\n")
+    with pytest.raises(DataError, match=f"{name}:1: this is the header of an interaction log"):
+        read_sequences(p, "sessions")
+
+
+def test_data_directory_names_the_files_in_it(tmp_path):
+    _write(tmp_path / "ratings.csv", "1,2,3\n")
+    _write(tmp_path / "README.txt", "licence")
+    with pytest.raises(DataError, match="is a directory; --data wants one file, e.g. one of: ratings.csv$"):
+        read_sequences(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="directory with no data file"):
+        read_sequences(tmp_path / "empty")

@@ -22,6 +22,7 @@ def _cprec(args, torchrun=None, env=None, timeout=600):
 
 
 def _same_run(a, b, tol):
+    assert list(a["test"]) == list(b["test"]) == list(a["history"][0]["valid"])  # one column order everywhere
     assert len(a["history"]) == len(b["history"])
     for x, y in zip(a["history"], b["history"]):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=tol)

@@ -11,7 +11,7 @@ from .data import FORMATS, SPLITS, DataError, load_dataset
 from .checkpoint import CheckpointError
 from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
 from .sharing import SCHEMES
-from .train import DEFAULT_SHARING, OBJECTIVES, TrainConfig, evaluate_checkpoint, model_config, train
+from .train import DEFAULT_SHARING, OBJECTIVES, RESUMABLE_CHANGES, TrainConfig, evaluate_checkpoint, model_config, train
 
 
 def _int_list(text: str) -> List[int]:
@@ -39,8 +39,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="PATH", help="interaction log or session file (default: the shipped "
                    "MovieLens ml-latest-small). Formats: MovieLens ratings.csv / ratings.dat / u.data, "
-                   "RecBole .inter, CSV/TSV user,item,timestamp, session .txt; any of them .gz")
-    g.add_argument("--format", default="auto", choices=FORMATS, help="file format (default: from the file name)")
+                   "RecBole .inter, CSV/TSV user,item[,rating],timestamp, or sessions (one comma-separated session of "
+                   "item ids per line); any of them .gz")
+    g.add_argument("--format", default="auto", choices=FORMATS, help="file format (default: auto: MovieLens and RecBole names fix it, otherwise the content "
+                   "decides, and a file it cannot tell is an error naming the line and the formats that would read it)")
     g.add_argument("--split", default="leave-one-out", choices=SPLITS,
                    help="leave-one-out: last item test, second last validation; holdout: NextItNet's "
                    "seeded 20%% of sequences for test, 10%% for validation (default: %(default)s)")
@@ -85,6 +87,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="kernel backend of the ops (default: $CPREC_BACKEND or auto)")
 
 
+def _resumable_flags() -> str:
+    """The training flags ``--resume`` lets change, from ``RESUMABLE_CHANGES``."""
+    shown = sorted(RESUMABLE_CHANGES - {"output", "resume", "overwrite", "progress", "progress_bars"})
+    return ", ".join("--" + key.replace("_", "-") for key in shown)
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the result on stdout")
 
@@ -116,15 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-batches", type=int, default=None, help="at most this many batches per epoch (quick runs)")
     g.add_argument("--eval-batch-size", type=int, default=256, help="examples per evaluation batch (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    g.add_argument("--output", metavar="DIR", help="write metrics.json, train_log.jsonl and checkpoint.pt here")
+    g.add_argument("--output", metavar="DIR", help="write metrics.json, train_log.jsonl and checkpoint.pt here; "
+                   "a DIR that already holds a run is refused unless --resume or --overwrite is given")
     g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists, "
-                   "exactly where it stopped, mid-epoch included (needs --output)")
+                   "exactly where it stopped, mid-epoch included (needs --output). The model, data and training "
+                   f"flags must be the recorded ones; only {_resumable_flags()} and the output flags may change")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --output DIR: its checkpoint, "
+                   "metrics and log are deleted first, and the new run starts a fresh train_log.jsonl")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="also write the checkpoint "
                    "every N training steps, not only after each epoch (needs --output)")
     g.add_argument("--distributed", action="store_true", help="data-parallel training over the processes "
                    "torchrun starts (DDP; gloo on CPU, NCCL on GPU). --batch-size stays the global batch: each "
                    "of N processes takes batch/N rows, so results match one process and --lr needs no change")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: only when stderr is a terminal, so redirected logs "
+                   "get the per-epoch lines but no bar frames)")
     _add_output_args(t)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on its data's validation and test split",
@@ -140,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Count the parameters of a compressed config by part (input embedding, middle, "
                        "output layer) next to its uncompressed baseline with the same d and items: for cprec the "
                        "NextItNet without sharing; for sasrec/gru4rec the same model with full embedding and "
-                       "softmax (the compressed side uses --input/--output, by default blockwise/adaptive).")
+                       "softmax (the compressed side uses --input-layer/--output-layer, by default blockwise/adaptive).")
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--num-items", type=int, default=None, help="vocabulary size V instead of reading --data "
@@ -178,7 +193,7 @@ def _train_config(args) -> TrainConfig:
         weight_decay=args.weight_decay, patience=args.patience, eval_batch_size=args.eval_batch_size,
         limit_batches=args.limit_batches, device=args.device, backend=args.backend, output=args.output,
         resume=args.resume, checkpoint_every=args.checkpoint_every, distributed=args.distributed,
-        progress=not args.quiet,
+        progress=not args.quiet, progress_bars=args.progress, overwrite=args.overwrite,
     )
 
 
@@ -255,7 +270,8 @@ def cmd_params(args) -> dict:
 def _train_config_for_params(args) -> TrainConfig:
     for name, value in (("objective", "every"), ("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
                         ("limit_batches", None), ("eval_batch_size", 1), ("device", "cpu"), ("output", None),
-                        ("resume", False), ("quiet", True), ("checkpoint_every", 0), ("distributed", False)):
+                        ("resume", False), ("quiet", True), ("checkpoint_every", 0), ("distributed", False),
+                        ("progress", False), ("overwrite", False)):
         setattr(args, name, value)
     return _train_config(args)
 

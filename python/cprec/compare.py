@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .checkpoint import write_text_atomic
+from .metrics import metric_names
 from .train import TrainConfig
 
-METRICS = tuple(f"{m}@{k}" for m in ("MRR", "HR", "NDCG") for k in (5, 10, 20))
+METRICS = tuple(metric_names())
 _SPEC_KEYS = {"name", "data", "format", "split", "seeds", "baseline", "metric_k", "common", "runs", "notes"}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"output", "resume", "seed", "progress",
-                                                                       "distributed"}
+                                                                       "distributed", "overwrite", "progress_bars"}
 
 
 class SpecError(ValueError):

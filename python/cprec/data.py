@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ class DataError(ValueError):
 # reading
 # --------------------------------------------------------------------------------------
 def _open_text(path: Path):
+    if path.is_dir():
+        raise DataError(_directory_hint(path))
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     raw = path.open("rb")
@@ -40,22 +43,114 @@ def _open_text(path: Path):
     return io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
 
 
-def detect_format(path: Path) -> str:
-    """The reader for ``path`` from its name (MovieLens and RecBole conventions)."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".dat", ".inter")
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
+_LOG_WIDTHS = (3, 4)  # user, item[, rating], timestamp
+_SESSIONS_HINT = " (if each line is one session of item ids, pass --format sessions)"
+_FORMAT_HINT = ("--format sessions reads each line as one session of item ids; --format csv (or tsv) reads "
+                "user,item[,rating],timestamp rows")
+
+
+def _base_name(path: Path) -> str:
+    return path.name[:-3] if path.name.endswith(".gz") else path.name
+
+
+def _format_by_name(path: Path) -> Optional[str]:
+    """The reader that a MovieLens/RecBole file name fixes (their readers check the layout)."""
+    name = _base_name(path)
     if name.endswith(".inter"):
         return "recbole"
     if name.endswith(".dat"):
         return "movielens-dat"
     if name == "u.data":
         return "udata"
-    if name.endswith(".tsv"):
-        return "tsv"
-    if name.endswith(".csv"):
-        return "csv"
-    if name.endswith(".txt"):
+    return None
+
+
+def _is_data_name(path: Path) -> bool:
+    name = _base_name(path)
+    return path.is_file() and not name.upper().startswith("README") and (name.endswith(_DATA_SUFFIXES) or name == "u.data")
+
+
+def _directory_hint(path: Path) -> str:
+    """What ``--data DIR`` should have named: the data files in DIR and its subfolders."""
+    found = sorted(str(p.relative_to(path)) for p in (*path.iterdir(), *path.glob("*/*")) if _is_data_name(p))
+    if found:
+        return f"{path} is a directory; --data wants one file, e.g. one of: {', '.join(found[:12])}"
+    return (f"{path} is a directory with no data file in it (looked for *{', *'.join(_DATA_SUFFIXES)}, u.data, "
+            "any of them .gz); --data wants one file")
+
+
+def detect_format(path: Path) -> str:
+    """The reader for ``path``: fixed by a MovieLens/RecBole name, otherwise from the content.
+
+    The content decides between an interaction log and sessions (one per line) over every
+    line, never by guessing: see ``_sniff``. A file it cannot tell is a DataError naming
+    the first line that makes it ambiguous and the ``--format`` values that would read it.
+    """
+    path = Path(path)
+    return _format_by_name(path) or _sniff(path)
+
+
+def _ambiguous(path: Path, lineno: int, line: str, why: str) -> DataError:
+    return DataError(f"{path}:{lineno}: cannot tell the format: {why} (line {lineno}: {line[:200]!r}); "
+                     f"{_FORMAT_HINT}")
+
+
+def _sniff(path: Path) -> str:
+    """Interaction log or sessions from the content, streamed over the whole file.
+
+    The first non-empty line sets the separator (``::``, tab, else comma); a header naming
+    a user or item column makes an interaction log. Headerless comma-separated lines are
+    sessions when their field counts vary or exceed 4 (no log has that), and a log only
+    when every line has 3-4 numeric fields and none holds padding ids. Anything else
+    (text ids in 3-4 columns, padding in a log-like file, a first line that looks like a
+    header this reader does not know, fewer than 3 columns) is ambiguous: an error.
+    """
+    first = width = varying = text_below = padding = None
+    first_is_text, lines = False, 0
+    for lineno, line in _lines(path):
+        # Quoted fields may hold commas (titles as item ids).
+        fields = [x.strip() for x in (next(csv.reader([line])) if '"' in line else line.split(","))]
+        is_text = not all(_NUMBER.match(x) for x in fields)
+        lines += 1
+        if first is None:
+            first, width, first_is_text = (lineno, line), len(fields), is_text
+            if "::" in line:
+                return "movielens-dat"
+            if "\t" in line:
+                return "tsv"  # sessions are comma-separated: tabs mean a log, whose reader checks it
+            if _is_header(fields):
+                return "csv"
+        else:
+            if varying is None and len(fields) != width:
+                varying = (lineno, line)
+            if text_below is None and is_text:
+                text_below = (lineno, line)
+        if padding is None and _padded(fields):
+            padding = (lineno, line)
+    if first is None:
+        raise DataError(f"{path}: no interactions or sessions (the file is empty)")
+    if first_is_text and text_below is None and lines > 1:
+        raise _ambiguous(path, *first, "the first line has text and the others only numbers, like a header, but "
+                         f"it names no user or item column (one of {list(_USER_COLUMNS + _ITEM_COLUMNS)})")
+    if varying is not None or width > max(_LOG_WIDTHS):
         return "sessions"
-    raise DataError(f"{path}: cannot tell the format from the name; pass one of {FORMATS[1:]}")
+    if width < min(_LOG_WIDTHS):
+        raise _ambiguous(path, *first, f"every line has {width} field(s): too few for a user,item[,rating],"
+                         "timestamp log, and sessions that short hardly train")
+    if first_is_text or text_below is not None:
+        raise _ambiguous(path, *(first if first_is_text else text_below), f"every line has {width} fields and "
+                         "some are not numbers: a log with text ids, or sessions of text items")
+    if padding is not None:
+        raise _ambiguous(path, *padding, f"every line has {width} numeric fields like a log, but this one holds "
+                         "padding ids (-1, or 0s at an end) like a session file")
+    return "csv"
+
+
+def _padded(fields: List[str]) -> bool:
+    """A padding id (-1), or two 0s at either end: how fixed-length session files pad."""
+    return "-1" in fields or fields[:2] == ["0", "0"] or fields[-2:] == ["0", "0"]
 
 
 def _column(header: List[str], names: Sequence[str], what: str, path: Path) -> int:
@@ -66,28 +161,39 @@ def _column(header: List[str], names: Sequence[str], what: str, path: Path) -> i
     raise DataError(f"{path}:1: no {what} column in header {header} (looked for {list(names)})")
 
 
-def _rows(path: Path, fmt: str) -> Iterable[Tuple[int, List[str]]]:
-    """(line number, fields) of each non-empty line."""
+def _lines(path: Path) -> Iterable[Tuple[int, str]]:
+    """(line number, text without the line break) of each non-empty line, streamed."""
     with _open_text(path) as f:
         try:
             for lineno, line in enumerate(f, start=1):
                 line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if fmt == "movielens-dat":
-                    yield lineno, line.split("::")
-                elif fmt in ("udata", "recbole", "tsv"):
-                    yield lineno, line.split("\t")
-                elif fmt == "csv":
-                    yield lineno, next(csv.reader([line]))
-                else:
-                    yield lineno, line.split(",")
+                if line.strip():
+                    yield lineno, line
         except (UnicodeDecodeError, OSError, EOFError) as err:
             raise DataError(f"{path}: unreadable ({err})") from err
 
 
+def _rows(path: Path, fmt: str) -> Iterable[Tuple[int, List[str]]]:
+    """(line number, fields) of each non-empty line."""
+    for lineno, line in _lines(path):
+        if fmt == "movielens-dat":
+            yield lineno, line.split("::")
+        elif fmt in ("udata", "recbole", "tsv"):
+            yield lineno, line.split("\t")
+        elif fmt == "csv":
+            yield lineno, next(csv.reader([line]))
+        else:
+            yield lineno, line.split(",")
+
+
 def _is_header(fields: List[str]) -> bool:
     return any(f.split(":")[0].strip().lower() in _USER_COLUMNS + _ITEM_COLUMNS for f in fields)
+
+
+def _is_log_header(fields: List[str]) -> bool:
+    """Whether a line, split on commas, is a log header (comma, tab or '::' separated)."""
+    line = ",".join(fields)
+    return any(_is_header(line.replace(sep, ",").split(",")) for sep in ("\t", "::"))
 
 
 def read_interactions(path, fmt: str = "auto") -> List[Tuple[str, str, float]]:
@@ -100,7 +206,9 @@ def read_interactions(path, fmt: str = "auto") -> List[Tuple[str, str, float]]:
     """
     path = Path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt not in FORMATS or fmt == "sessions":
+    if fmt == "sessions":
+        raise DataError(f"{path}: holds sessions (one per line), not an interaction log; read it with --format sessions")
+    if fmt not in FORMATS:
         raise DataError(f"{path}: format {fmt!r} is not an interaction log format")
     rows: List[Tuple[str, str, float]] = []
     cols: Optional[Tuple[int, int, int]] = None
@@ -121,14 +229,14 @@ def read_interactions(path, fmt: str = "auto") -> List[Tuple[str, str, float]]:
                 raise DataError(f"{path}:{lineno}: expected user, item[, rating], timestamp; got {fields}")
             cols, width = (0, 1, len(fields) - 1), len(fields)
         if len(fields) != width:
-            raise DataError(f"{path}:{lineno}: expected {width} fields, got {len(fields)}: {fields}")
+            raise DataError(f"{path}:{lineno}: expected {width} fields, got {len(fields)}: {fields}{_SESSIONS_HINT}")
         user, item, ts = fields[cols[0]].strip(), fields[cols[1]].strip(), fields[cols[2]].strip()
         if not user or not item:
             raise DataError(f"{path}:{lineno}: empty user or item field")
         try:
             rows.append((user, item, float(ts)))
         except ValueError:
-            raise DataError(f"{path}:{lineno}: timestamp {ts!r} is not a number") from None
+            raise DataError(f"{path}:{lineno}: timestamp {ts!r} is not a number{_SESSIONS_HINT}") from None
     if not rows:
         raise DataError(f"{path}: no interactions (the file is empty or has only a header)")
     return rows
@@ -147,6 +255,9 @@ def read_sessions(path, padding: Sequence[str] = SESSION_PADDING) -> List[List[s
     path = Path(path)
     sequences = []
     for lineno, fields in _rows(path, "sessions"):
+        if not sequences and _is_log_header(fields):
+            raise DataError(f"{path}:{lineno}: this is the header of an interaction log ({','.join(fields)[:200]!r}), "
+                            "not a session of item ids; read the file with --format auto (or csv, tsv, recbole)")
         items = [f.strip() for f in fields]
         if any(not f for f in items):
             raise DataError(f"{path}:{lineno}: empty item id in {fields}")

@@ -2,7 +2,7 @@
 target) and NDCG@k."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -20,8 +20,14 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (scores >= t).sum(dim=1) - 1
 
 
+def metric_names(ks: Sequence[int] = KS) -> List[str]:
+    """Metric names grouped by metric: MRR@5, MRR@10, ..., HR@5, ..., NDCG@20; every
+    table and result dict (one process or many) uses this order."""
+    return [f"{m}@{k}" for m in NAMES for k in ks]
+
+
 def metric_sums(ranks: torch.Tensor, ks: Sequence[int] = KS) -> Dict[str, float]:
-    """Sums (not means) over the rows, so batches can be added up."""
+    """Sums (not means) over the rows, so batches can be added up; keys in ``metric_names`` order."""
     r = ranks.double()
     out = {}
     for k in ks:
@@ -29,7 +35,7 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int] = KS) -> Dict[str, float]
         out[f"MRR@{k}"] = float(torch.where(hit, 1.0 / (r + 1), 0.0).sum())
         out[f"HR@{k}"] = float(hit.sum())
         out[f"NDCG@{k}"] = float(torch.where(hit, 1.0 / torch.log2(r + 2), 0.0).sum())
-    return out
+    return {name: out[name] for name in metric_names(ks)}
 
 
 class MetricAccumulator:

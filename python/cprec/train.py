@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
-from .metrics import MetricAccumulator
+from .metrics import MetricAccumulator, metric_names
 from .models import PopularityModel, Recommender, build_model, model_ends
 
 SELECT_METRIC = "NDCG@10"
@@ -69,10 +69,38 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 0  # also checkpoint every N training steps (0: once per epoch)
     distributed: bool = False  # under torchrun: DDP over the processes
-    progress: bool = True
+    progress: bool = True  # False: no bars and no per-epoch lines
+    progress_bars: Optional[bool] = None  # None: bars only when stderr is a terminal
+    overwrite: bool = False  # replace a run already in ``output`` (else refused without resume)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# TrainConfig keys that may differ when a run resumes: how long it runs, where it runs
+# and what it prints. Every other recorded key must match, so new options are guarded
+# by default.
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "patience", "output", "resume", "overwrite", "progress", "progress_bars", "checkpoint_every",
+    "eval_batch_size", "device", "distributed",
+})
+RUN_FILES = ("checkpoint.pt", "metrics.json", "train_log.jsonl")
+
+
+def config_changes(recorded: dict, cfg: TrainConfig) -> Dict[str, tuple]:
+    """{key: (recorded, now)} for the keys of a checkpoint's config that ``cfg`` changes,
+    allowlisted keys aside; a key an older checkpoint lacks counts as its default."""
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(TrainConfig)}
+    now = cfg.to_dict()
+    changes = {}
+    for key in sorted(set(recorded) | set(now)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        old, new = recorded.get(key, defaults.get(key)), now.get(key, "(no such option)")
+        if old != new:
+            changes[key] = (old, new)
+    return changes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +172,7 @@ def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, devi
         acc.add(model.scores(inputs).float(), targets)
     model.train(was_training)
     if world > 1:
-        names = [f"{m}@{k}" for m in ("MRR", "HR", "NDCG") for k in acc.ks]
+        names = metric_names(acc.ks)
         *sums, count = distributed.all_reduce_sum([acc.sums.get(n, 0.0) for n in names] + [acc.count], device)
         acc.sums, acc.count = dict(zip(names, sums)), int(count)
     return acc.result()
@@ -175,15 +203,76 @@ def _checkpoint(cfg, mcfg, model, optimizer, state, data) -> dict:
     }
 
 
-def _restore(path: Path, cfg, mcfg, model, optimizer, state, say) -> None:
+def _prepare_output(cfg: TrainConfig, main_process: bool) -> Optional[Path]:
+    """The run directory, refusing to write over a run there unless resuming it or told
+    to overwrite it (then its files go first, so nothing of the old run mixes in)."""
+    if cfg.output is None:
+        for flag, given in (("--resume", cfg.resume), ("--overwrite", cfg.overwrite),
+                            ("--checkpoint-every", cfg.checkpoint_every)):
+            if given:
+                raise ValueError(f"{flag} needs --output (the run's directory)")
+        return None
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
+    out_dir = Path(cfg.output)
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--output {out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                         "--overwrite to replace it, or another --output")
+    if cfg.resume and "metrics.json" in held and "checkpoint.pt" not in held:
+        raise ValueError(f"{out_dir} holds a finished run without checkpoint.pt, so --resume cannot continue "
+                         "it: --overwrite replaces it")
+    if cfg.overwrite and main_process:
+        for name in held:
+            (out_dir / name).unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _refuse_changes(path: Path, ckpt: dict, cfg: TrainConfig, mcfg: dict, data: SequenceData) -> None:
+    """Resuming must continue the same run: same model, data and training flags
+    (``RESUMABLE_CHANGES`` aside). The error names only what differs."""
+    changes = config_changes(ckpt["config"], cfg)
+    if not changes:  # same flags: the model config can still differ through the data
+        old = ckpt["model_config"]
+        changes = {f"model {k}": (old.get(k), mcfg.get(k)) for k in sorted(set(old) | set(mcfg))
+                   if old.get(k) != mcfg.get(k)}
+    old_counts, counts = ckpt["counts"], torch.as_tensor(data.counts)
+    if not changes and not (old_counts.shape == counts.shape and torch.equal(old_counts.to(counts.dtype), counts)):
+        changes["data"] = (f"{len(old_counts)} items, {int(old_counts.sum())} training interactions",
+                           f"{len(counts)} items, {int(counts.sum())} (other item frequencies)")
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise CheckpointError(f"{path}: cannot resume with other settings ({listed}); resume with the recorded "
+                              "ones, or start a new run with another --output or --overwrite")
+
+
+def _start_log(log_path: Optional[Path], history: List[dict]) -> None:
+    """The log starts as the history so far: empty for a new run, the checkpoint's epochs
+    for a resumed one (dropping any line logged after the checkpoint was written)."""
+    if log_path is not None:
+        write_text_atomic(log_path, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def _session_clock(state: dict) -> Callable[[], float]:
+    """Seconds of training over all sessions of a run: the resumed total plus this one's."""
+    before, started = state.get("train_seconds", 0.0), time.perf_counter()
+    return lambda: before + time.perf_counter() - started
+
+
+def _show_bars(cfg: TrainConfig) -> bool:
+    """Progress bars when asked for, else only on a terminal: bar frames would flood a log."""
+    if not cfg.progress:
+        return False
+    return sys.stderr.isatty() if cfg.progress_bars is None else cfg.progress_bars
+
+
+def _restore(path: Path, cfg, mcfg, model, optimizer, state, data, say) -> None:
     ckpt = load_checkpoint(path)
-    if ckpt["model_config"] != mcfg:
-        raise CheckpointError(
-            f"{path}: was written for model config {ckpt['model_config']}, not {mcfg}; "
-            "resume with the same flags or use another --output"
-        )
+    _refuse_changes(path, ckpt, cfg, mcfg, data)
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
     state.update(ckpt["progress"])
     state["best_model"] = ckpt["best_model"]
     torch.set_rng_state(ckpt["torch_rng"])
@@ -209,36 +298,31 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         if device.type == "cuda":
             torch.cuda.set_device(device)
     main_process = distributed.is_main()
+    out_dir = _prepare_output(cfg, main_process)
     if data is None:
         data = load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed)
     mcfg = model_config(cfg, data)
     model = build_model(mcfg, data.counts).to(device)
-    out_dir = Path(cfg.output) if cfg.output else None
-    log_path = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = out_dir / "train_log.jsonl" if main_process else None
+    ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
+    log_path = out_dir / "train_log.jsonl" if out_dir is not None and main_process else None
     baseline = evaluate(PopularityModel(data.num_items, data.counts).to(device), data.test, cfg.eval_batch_size, device)
 
     state = {
         "epoch": 0, "step": 0, "global_step": 0, "epoch_loss": [0.0, 0.0], "best_score": -math.inf,
-        "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None,
+        "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None, "train_seconds": 0.0,
     }
     optimizer = None
-    started = time.perf_counter()
     if model.trainable:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
-        if cfg.checkpoint_every and ckpt_path is None:
-            raise ValueError("--checkpoint-every needs --output (where checkpoint.pt goes)")
-        if cfg.resume:
-            if ckpt_path is None:
-                raise ValueError("--resume needs --output (the directory holding checkpoint.pt)")
-            if ckpt_path.is_file():
-                _restore(ckpt_path, cfg, mcfg, model, optimizer, state, say)
-            else:
-                say(f"no checkpoint at {ckpt_path} yet: starting from scratch")
-        _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say)
+    if cfg.resume:
+        if ckpt_path.is_file():
+            _restore(ckpt_path, cfg, mcfg, model, optimizer, state, data, say)
+        else:
+            say(f"no checkpoint at {ckpt_path} yet: starting from scratch")
+    _start_log(log_path, state["history"])
+    clock = _session_clock(state)
+    if model.trainable:
+        _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say, clock)
         if state["best_model"] is not None:
             model.load_state_dict(state["best_model"])
     else:
@@ -258,13 +342,14 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         "baseline_test": baseline,
         "epochs_run": state["epoch"],
         "best_epoch": state["best_epoch"] + 1,
-        "train_seconds": round(time.perf_counter() - started, 2),
+        "train_seconds": round(clock(), 2),
         "history": state["history"],
     }
     if out_dir is not None and main_process:
         if not model.trainable:
             # Trained models' checkpoints are written after every epoch, holding the
             # last weights (to resume from) and the best (to evaluate).
+            state["train_seconds"] = clock()
             save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), out_dir / "checkpoint.pt")
         _write_json(out_dir / "metrics.json", result)
     return result
@@ -279,9 +364,10 @@ def _batches_of(objective: str, data: SequenceData):
     return len(inputs_all), lambda idx: (inputs_all[idx], targets_all[idx])
 
 
-def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say) -> None:
+def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say, clock) -> None:
     """Epochs of training from ``state`` (which a checkpoint may have restored
-    mid-epoch), validating and checkpointing as it goes."""
+    mid-epoch), validating and checkpointing as it goes; ``clock()`` is the run's
+    training seconds so far, kept in the checkpoint."""
     n, batch_of = _batches_of(cfg.objective, data)
     trainer = distributed.wrap(model, device)
     world = distributed.world_size()
@@ -289,6 +375,7 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
 
     def save() -> None:
         if ckpt_path is not None and main_process:
+            state["train_seconds"] = clock()
             save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), ckpt_path)
 
     fail_at = int(os.environ.get("CPREC_FAIL_AT_STEP", "0"))  # crash drill for the restart tests
@@ -304,7 +391,7 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
         model.train()
         bar = tqdm(
             batches[state["step"] :], desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=state["step"],
-            total=len(batches), disable=not (cfg.progress and main_process), leave=False, file=sys.stderr,
+            total=len(batches), disable=not (_show_bars(cfg) and main_process), leave=False, file=sys.stderr,
         )
         for idx in bar:
             batch_inputs, batch_targets = batch_of(distributed.my_slice(idx))
