@@ -177,13 +177,13 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _checkpoint(cfg, mcfg, model, optimizer, state, data, scheduler=None) -> dict:
     return {
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "format": 1,
         "config": cfg.to_dict(),
         "model_config": mcfg,
         "model": model.state_dict(),
         "best_model": state["best_model"],
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "counts": torch.as_tensor(data.counts),
         "progress": {k: v for k, v in state.items() if k != "best_model"},
         "torch_rng": torch.get_rng_state(),
