@@ -202,3 +202,25 @@ def test_params_help_names_the_output_layer_flag():
     out = subprocess.run([sys.executable, "-m", "cprec", "params", "--help"], capture_output=True, text=True,
                          check=True, env=dict(os.environ, COLUMNS="1000")).stdout
     assert "--input-layer/--output-layer" in out
+
+
+def test_tied_cprec_with_filter_trains_saves_and_evaluates(capsys, tmp_path):
+    out = tmp_path / "tied"
+    code = main(["train", "--model", "cprec", *TINY, "--tie-embeddings", "--tie-projections", "--min-item-count", "3",
+                 "--min-user-count", "5", "--lr-schedule", "linear", "--warmup-steps", "0.5", "--output", str(out),
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert "after the min count filter (items >= 3, users >= 5)" in captured.err
+    stats = json.loads((out / "metrics.json").read_text())["data_stats"]["filter"]
+    assert stats["after"]["items"] == result["model_config"]["num_items"] < stats["before"]["items"]
+    assert result["model_config"]["tie_embeddings"] and result["model_config"]["tie_projections"]
+    evaluated = run_json(capsys, "evaluate", str(out / "checkpoint.pt"))
+    for name, value in result["test"].items():
+        assert evaluated["test"][name] == pytest.approx(value, abs=1e-6)
+    assert evaluated["params"] == result["params"]
+    untied = run_json(capsys, "params", "--min-item-count", "3", "--min-user-count", "5")
+    tied = run_json(capsys, "params", "--min-item-count", "3", "--min-user-count", "5", "--tie-embeddings")
+    assert tied["params"]["compressed"]["output"] < untied["params"]["compressed"]["output"]
+    assert tied["compression_ratio"] > untied["compression_ratio"]

@@ -144,3 +144,24 @@ def test_sigterm_to_compare_stops_its_workers(tmp_path):
         for w in workers:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+def test_new_training_options_pass_through_to_the_runs(tmp_path):
+    from cprec.compare import run_config
+
+    extra = {"tie_embeddings": True, "tie_projections": True, "dropout": 0.1, "lr_schedule": "cosine",
+             "warmup_steps": 0.1, "min_item_count": 5, "min_user_count": 2}
+    path = _spec(tmp_path, baseline=None, runs=[{"name": "CpRec tied", "model": "cprec", **extra}])
+    spec = load_spec(path)
+    cfg = run_config(spec, spec["runs"][0], 0, tmp_path / "out")
+    assert all(getattr(cfg, k) == v for k, v in extra.items())
+
+
+@pytest.mark.parametrize("name", ["ml-1m-converged", "ml-100k"])
+def test_committed_specs_load(name):
+    from cprec.compare import run_config
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "results" / name / "spec.json"
+    spec = load_spec(path)
+    for run in spec["runs"]:
+        run_config(spec, run, spec["seeds"][0], path.parent)

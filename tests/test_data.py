@@ -9,7 +9,9 @@ from cprec.data import (
     DataError,
     build_dataset,
     cutoffs_by_coverage,
+    filter_min_counts,
     load_dataset,
+    log_counts,
     read_interactions,
     read_sequences,
     read_sessions,
@@ -206,3 +208,39 @@ def test_data_directory_names_the_files_in_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="directory with no data file"):
         read_sequences(tmp_path / "empty")
+
+
+def test_min_count_filter_iterates_to_its_fixed_point():
+    # One pass would keep u1 = [a, b] and u2 = [a, c]; dropping u3 takes b below 2,
+    # which drops u1, then a, then u2, then c: only u4 is left.
+    seqs = [["a", "b"], ["a", "c"], ["b"], ["d", "c", "d"]]
+    assert filter_min_counts(seqs, 2, 2) == [["d", "d"]]
+    assert filter_min_counts(seqs, 0, 0) == seqs
+    assert filter_min_counts(seqs, 2, 0) == seqs
+    assert filter_min_counts(seqs, 0, 2) == [["a", "b"], ["a", "c"], ["d", "c", "d"]]
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        log = [[f"i{int(v)}" for v in rng.zipf(1.6, rng.integers(1, 12)) % 40] for _ in range(30)]
+        kept = filter_min_counts(log, 3, 4)
+        counts = log_counts(kept)
+        items = {t for s in kept for t in s}
+        assert all(sum(s.count(t) for s in kept) >= 3 for t in items) and all(len(s) >= 4 for s in kept)
+        assert filter_min_counts(kept, 3, 4) == kept and counts["interactions"] == sum(map(len, kept))
+    with pytest.raises(ValueError):
+        filter_min_counts(seqs, -1, 0)
+
+
+def test_load_dataset_reports_the_filter(tmp_path):
+    rows = "".join(f"{u}\t{i}\t{t}\n" for t, (u, i) in enumerate(
+        [(u, i) for u, items in ((1, "ababa"), (2, "abzaba"), (3, "abbab")) for i in items]))
+    p = _write(tmp_path / "log.inter", "user_id:token\titem_id:token\ttimestamp:float\n" + rows)
+    data = load_dataset(p, min_item_count=2, min_user_count=3)
+    assert data.stats["filter"] == {"min_item_count": 2, "min_user_count": 3,
+                                    "before": {"users": 3, "items": 3, "interactions": 16},
+                                    "after": {"users": 3, "items": 2, "interactions": 15}}
+    assert data.num_items == 2 and "filter" not in load_dataset(p).stats
+
+
+def test_ml_1m_filtered_as_published(shared_data):
+    ml1m = read_sequences(os.path.join(shared_data, "ml-1m", "ml-1m.inter.gz"))
+    assert log_counts(filter_min_counts(ml1m, 5, 0)) == {"users": 6040, "items": 3416, "interactions": 999611}

@@ -7,11 +7,14 @@ import sys
 from typing import List, Optional
 
 from . import distributed
-from .data import FORMATS, SPLITS, DataError, load_dataset
+from .data import FORMATS, SPLITS, DataError
 from .checkpoint import CheckpointError
 from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
 from .sharing import SCHEMES
-from .train import DEFAULT_SHARING, OBJECTIVES, RESUMABLE_CHANGES, TrainConfig, evaluate_checkpoint, model_config, train
+from .schedule import LR_SCHEDULES
+from .train import (
+    DEFAULT_SHARING, OBJECTIVES, RESUMABLE_CHANGES, TrainConfig, evaluate_checkpoint, load_config_data, model_config, train,
+)
 
 
 def _int_list(text: str) -> List[int]:
@@ -48,6 +51,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "seeded 20%% of sequences for test, 10%% for validation (default: %(default)s)")
     g.add_argument("--max-len", type=int, default=50, help="history length the model sees; longer "
                    "histories are cut into windows (default: %(default)s)")
+    g.add_argument("--min-item-count", type=int, default=0, metavar="N", help="k-core filter before the split, "
+                   "as RecBole's: drop items with fewer than N interactions and users with fewer than "
+                   "--min-user-count, repeated until both hold (default: %(default)s, no filter)")
+    g.add_argument("--min-user-count", type=int, default=0, metavar="N", help="see --min-item-count "
+                   "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batch order (default: %(default)s)")
 
 
@@ -79,10 +87,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-projection", action="store_true", help="give the head block of the input "
                    "embedding a projection too")
     g.add_argument("--tie-embeddings", action="store_true", help="the output softmax reuses the input "
-                   "embedding's item vectors (full input and output layers only)")
+                   "embedding's item vectors: full input and output layers, or (CpRec) the adaptive softmax's "
+                   "head rows and tail tables are the block-wise embedding's tables")
+    g.add_argument("--tie-projections", action="store_true", help="with --tie-embeddings on blockwise/adaptive "
+                   "ends: each tail cluster's projection is also the input block's (transposed)")
     g.add_argument("--num-layers", type=int, default=2, help="sasrec/gru4rec: attention blocks or GRU layers (default: %(default)s)")
     g.add_argument("--num-heads", type=int, default=1, help="sasrec: attention heads (default: %(default)s)")
-    g.add_argument("--dropout", type=float, default=0.2, help="sasrec/gru4rec: dropout rate (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout rate; nextitnet/cprec: on the item "
+                   "embeddings and each residual branch (default: 0.2 for sasrec/gru4rec, 0 for nextitnet/cprec)")
     g.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"],
                    help="kernel backend of the ops (default: $CPREC_BACKEND or auto)")
 
@@ -121,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better "
                    "validation NDCG@10 (default: %(default)s)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="after the warm-up: "
+                   "constant lr, or linear/cosine decay to 0 at the last step of --epochs (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=float, default=0, metavar="N", help="linear lr warm-up over N steps, or "
+                   "over this fraction of all steps when below 1 (default: %(default)s)")
     g.add_argument("--limit-batches", type=int, default=None, help="at most this many batches per epoch (quick runs)")
     g.add_argument("--eval-batch-size", type=int, default=256, help="examples per evaluation batch (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
@@ -187,7 +203,9 @@ def _train_config(args) -> TrainConfig:
         model=args.model, data=args.data, format=args.format, split=args.split, max_len=args.max_len,
         seed=args.seed, d=args.dim, block_dilations=args.dilations, kernel_size=args.kernel_size,
         sharing=args.sharing, cutoffs=args.cutoffs, coverage=args.coverage, div_value=args.div_value,
-        head_projection=args.head_projection, tie_embeddings=args.tie_embeddings,
+        head_projection=args.head_projection, tie_embeddings=args.tie_embeddings, tie_projections=args.tie_projections,
+        min_item_count=args.min_item_count, min_user_count=args.min_user_count,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         objective=args.objective, input_layer=args.input_layer, output_layer=args.output_layer, num_layers=args.num_layers,
         num_heads=args.num_heads, dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, eval_batch_size=args.eval_batch_size,
@@ -245,7 +263,7 @@ def cmd_params(args) -> dict:
             raise ValueError("--num-items needs --cutoffs (coverage needs item frequencies from --data)")
         data = _Vocabulary(args.num_items)
     else:
-        data = load_dataset(args.data, args.format, args.split, args.max_len, args.seed)
+        data = load_config_data(cfg)
     if cfg.model != "pop":
         # The compressed side: factorized ends unless the flags say otherwise.
         cfg.input_layer, cfg.output_layer = cfg.input_layer or "blockwise", cfg.output_layer or "adaptive"
@@ -268,7 +286,7 @@ def cmd_params(args) -> dict:
 
 
 def _train_config_for_params(args) -> TrainConfig:
-    for name, value in (("objective", "every"), ("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
+    for name, value in (("objective", "every"), ("lr_schedule", "constant"), ("warmup_steps", 0), ("epochs", 1), ("batch_size", 1), ("lr", 0.0), ("weight_decay", 0.0), ("patience", 1),
                         ("limit_batches", None), ("eval_batch_size", 1), ("device", "cpu"), ("output", None),
                         ("resume", False), ("quiet", True), ("checkpoint_every", 0), ("distributed", False),
                         ("progress", False), ("overwrite", False)):

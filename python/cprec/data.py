@@ -469,15 +469,49 @@ def build_dataset(
                         _prefixes(train_ids, max_len, V))
 
 
+def log_counts(sequences: List[List[str]]) -> Dict[str, int]:
+    """{"users", "items", "interactions"} of a log (a user is a sequence)."""
+    return {"users": len(sequences), "items": len({t for s in sequences for t in s}),
+            "interactions": sum(len(s) for s in sequences)}
+
+
+def filter_min_counts(sequences: List[List[str]], min_item_count: int = 0, min_user_count: int = 0) -> List[List[str]]:
+    """RecBole's k-core filter (``_filter_by_inter_num``): drop every interaction with an
+    item that has fewer than ``min_item_count`` interactions and every user (sequence)
+    with fewer than ``min_user_count``, counting repeats, and repeat until nothing
+    changes, so every remaining item and user meets its bound. Order is kept; users
+    left with no items are dropped."""
+    if min_item_count < 0 or min_user_count < 0:
+        raise ValueError(f"min counts must be >= 0, got {min_item_count}, {min_user_count}")
+    while True:
+        counts = Counter(t for s in sequences for t in s)
+        kept = [[t for t in s if counts[t] >= min_item_count] for s in sequences]
+        kept = [s for s in kept if s and len(s) >= min_user_count]
+        if sum(map(len, kept)) == sum(map(len, sequences)) and len(kept) == len(sequences):
+            return kept
+        sequences = kept
+
+
 def load_dataset(
-    path=None, fmt: str = "auto", split: str = "leave-one-out", max_len: int = 50, seed: int = 0
+    path=None, fmt: str = "auto", split: str = "leave-one-out", max_len: int = 50, seed: int = 0,
+    min_item_count: int = 0, min_user_count: int = 0,
 ) -> SequenceData:
-    """Read, re-index and split a data file (default: the shipped ml-latest-small)."""
+    """Read, (optionally k-core filter,) re-index and split a data file (default: the
+    shipped ml-latest-small). With a filter, ``stats["filter"]`` holds the bounds and
+    the log's users, items and interactions before and after it."""
     from .datasets import DEFAULT_DATASET
 
     path = Path(path) if path is not None else DEFAULT_DATASET
     name = path.name.split(".")[0] if path != DEFAULT_DATASET else "ml-latest-small"
-    return build_dataset(read_sequences(path, fmt), name=name, split=split, max_len=max_len, seed=seed)
+    sequences = read_sequences(path, fmt)
+    if not (min_item_count or min_user_count):
+        return build_dataset(sequences, name=name, split=split, max_len=max_len, seed=seed)
+    raw = log_counts(sequences)
+    sequences = filter_min_counts(sequences, min_item_count, min_user_count)
+    data = build_dataset(sequences, name=name, split=split, max_len=max_len, seed=seed)
+    data.stats["filter"] = {"min_item_count": min_item_count, "min_user_count": min_user_count,
+                            "before": raw, "after": log_counts(sequences)}
+    return data
 
 
 def cutoffs_by_coverage(counts: np.ndarray, coverage: Sequence[float] = (0.5, 0.8, 0.95)) -> List[int]:

@@ -23,6 +23,7 @@ from cprec_kernels.nn import (
 from cprec_kernels.reference import mask_excluded
 
 from .sharing import layer_map
+from .tied import TiedAdaptiveSoftmax
 
 Tensor = torch.Tensor
 MODELS = ("cprec", "nextitnet", "sasrec", "gru4rec", "pop")
@@ -95,7 +96,11 @@ class PopularityModel(Recommender):
 
 class ResidualStack(nn.Module):
     """The middle of NextItNet: residual blocks of dilated causal convs whose conv
-    parameters are shared according to ``sharing``.  x: [B, T, d] -> [B, T, d]."""
+    parameters are shared according to ``sharing``.  x: [B, T, d] -> [B, T, d].
+
+    ``dropout`` (training only) drops entries of the stack's input (the item
+    embeddings) and of each block's residual branch: x + dropout(F(x)).
+    """
 
     def __init__(
         self,
@@ -105,9 +110,13 @@ class ResidualStack(nn.Module):
         kernel_size: int = 3,
         eps: float = 1e-8,
         backend: Optional[str] = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.sharing = sharing
+        self.drop = nn.Dropout(dropout)
         mapping = layer_map(sharing, len(block_dilations))
         self.convs = nn.ModuleList(
             CausalConv1d(d, d, kernel_size, backend=backend) for _ in range(max(mapping) + 1)
@@ -121,8 +130,15 @@ class ResidualStack(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.drop.p > 0):
+            for block in self.blocks:
+                x = block(x)
+            return x
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            # The fused block adds the residual inside its kernel (cprec_kernels, not
+            # ours to change), so the branch is recovered as block(x) - x.
+            x = x + self.drop(block(x) - x)
         return x
 
 
@@ -168,10 +184,16 @@ class SequenceRecommender(Recommender):
         head_projection: bool = False,
         backend: Optional[str] = None,
         tie_embeddings: bool = False,
+        tie_projections: bool = False,
     ) -> None:
         super().__init__(num_items)
-        if tie_embeddings and (input, output) != ("full", "full"):
-            raise ValueError(f"tied embeddings need full input and output layers, got {input!r} and {output!r}")
+        if tie_embeddings and (input, output) not in (("full", "full"), ("blockwise", "adaptive")):
+            raise ValueError(
+                f"tied embeddings need full input and output layers or blockwise input and adaptive output, "
+                f"got {input!r} and {output!r}"
+            )
+        if tie_projections and not (tie_embeddings and output == "adaptive"):
+            raise ValueError("tie_projections needs tie_embeddings with blockwise input and adaptive output")
         if input not in INPUTS or output not in OUTPUTS:
             raise ValueError(f"input must be one of {INPUTS} and output one of {OUTPUTS}, got {input!r}, {output!r}")
         if "blockwise" == input or "adaptive" == output:
@@ -186,7 +208,10 @@ class SequenceRecommender(Recommender):
                 cutoffs, d, div_value, head_projection=head_projection, padding_idx=num_items, backend=backend
             )
         self.middle = middle
-        if tie_embeddings:
+        if tie_embeddings and output == "adaptive":
+            # The block-wise tables already start at N(0, d_j^-1/2), the tied scale.
+            self.output_layer = TiedAdaptiveSoftmax(self.input_layer, tie_projections, backend=backend)
+        elif tie_embeddings:
             # N(0, 1) rows would put logits at std ~ sqrt(d) and saturate the softmax
             # from the first step; the usual tied-embedding scale keeps them near 1.
             with torch.no_grad():
@@ -254,9 +279,10 @@ class NextItNet(SequenceRecommender):
         kernel_size: int = 3,
         sharing: str = "none",
         backend: Optional[str] = None,
+        dropout: float = 0.0,
         **ends,
     ) -> None:
-        middle = ResidualStack(d, block_dilations, sharing, kernel_size, backend=backend)
+        middle = ResidualStack(d, block_dilations, sharing, kernel_size, backend=backend, dropout=dropout)
         super().__init__(num_items, d, middle, backend=backend, **ends)
 
 
@@ -278,10 +304,14 @@ class CpRec(NextItNet):
         backend: Optional[str] = None,
         input: str = "blockwise",
         output: str = "adaptive",
+        tie_embeddings: bool = False,
+        tie_projections: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(
-            num_items, d, block_dilations, kernel_size, sharing, backend,
+            num_items, d, block_dilations, kernel_size, sharing, backend, dropout,
             input=input, output=output, cutoffs=cutoffs, div_value=div_value, head_projection=head_projection,
+            tie_embeddings=tie_embeddings, tie_projections=tie_projections,
         )
 
 
@@ -301,7 +331,7 @@ def _middle(config: dict) -> nn.Module:
     if kind in ("nextitnet", "cprec"):
         return ResidualStack(
             d, [int(x) for x in config["block_dilations"]], config["sharing"], int(config["kernel_size"]),
-            backend=config.get("backend"),
+            backend=config.get("backend"), dropout=float(config.get("dropout", 0.0)),
         )
     from .gru4rec import GRUEncoder
     from .sasrec import SASRecEncoder
@@ -318,8 +348,10 @@ def build_model(config: dict, counts: Optional[Sequence[int]] = None) -> Recomme
     Keys: model (one of MODELS), num_items, d; for nextitnet/cprec block_dilations,
     kernel_size, sharing; for sasrec/gru4rec max_len, num_layers, num_heads, dropout;
     input ("full"/"blockwise") and output ("full"/"adaptive") with cutoffs,
-    div_value, head_projection for factorized ends; tie_embeddings (full ends
-    only); backend.
+    div_value, head_projection for factorized ends; tie_embeddings (full ends, or
+    blockwise input with adaptive output) and tie_projections (the latter only);
+    dropout (every model; for nextitnet/cprec on the embedding and each residual
+    branch); backend.
     """
     kind = config["model"]
     if kind not in MODELS:
@@ -331,7 +363,7 @@ def build_model(config: dict, counts: Optional[Sequence[int]] = None) -> Recomme
     return SequenceRecommender(
         V, int(config["d"]), _middle(config), input_kind, output_kind, config.get("cutoffs"),
         float(config.get("div_value", 4.0)), bool(config.get("head_projection", False)), config.get("backend"),
-        bool(config.get("tie_embeddings", False)),
+        bool(config.get("tie_embeddings", False)), bool(config.get("tie_projections", False)),
     )
 
 
@@ -346,7 +378,8 @@ def parameter_table(config: dict) -> Dict[str, Dict[str, int]]:
     ends = {"input": config.get("input") or "blockwise", "output": config.get("output") or "adaptive"}
     compressed = build_model({**config, **ends}).num_parameters()
     base_kind = "nextitnet" if kind == "cprec" else kind
-    base_cfg = {**config, "model": base_kind, "input": "full", "output": "full", "tie_embeddings": False}
+    base_cfg = {**config, "model": base_kind, "input": "full", "output": "full", "tie_embeddings": False,
+                "tie_projections": False}
     if base_kind == "nextitnet":
         base_cfg["sharing"] = "none"
     return {"baseline": build_model(base_cfg).num_parameters(), "compressed": compressed}

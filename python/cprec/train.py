@@ -25,10 +25,13 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator, metric_names
 from .models import PopularityModel, Recommender, build_model, model_ends
+from .schedule import check_schedule, make_scheduler
 
 SELECT_METRIC = "NDCG@10"
 OBJECTIVES = ("every", "last")
 DEFAULT_SHARING = {"cprec": "cross-block"}
+# No dropout in the CNN models unless asked: what they were trained with before it existed.
+DEFAULT_DROPOUT = {"sasrec": 0.2, "gru4rec": 0.2}
 
 
 @dataclass
@@ -40,6 +43,8 @@ class TrainConfig:
     format: str = "auto"
     split: str = "leave-one-out"
     max_len: int = 50
+    min_item_count: int = 0  # k-core filter before the split (0: none)
+    min_user_count: int = 0
     seed: int = 0
     d: int = 64
     block_dilations: List[int] = field(default_factory=lambda: [1, 4, 1, 4])
@@ -49,18 +54,21 @@ class TrainConfig:
     coverage: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
     div_value: float = 4.0
     head_projection: bool = False
-    tie_embeddings: bool = False  # full ends only: the softmax reuses the input embedding
+    tie_embeddings: bool = False  # the softmax reuses the input embedding (full ends, or blockwise + adaptive)
+    tie_projections: bool = False  # tied blockwise + adaptive ends: the tails reuse the input projections too
     input_layer: Optional[str] = None  # full | blockwise; None: the model's default
     output_layer: Optional[str] = None  # full | adaptive; None: the model's default
     num_layers: int = 2  # SASRec / GRU4Rec
     num_heads: int = 1  # SASRec
-    dropout: float = 0.2  # SASRec / GRU4Rec
+    dropout: Optional[float] = None  # None: DEFAULT_DROPOUT of the model
     objective: str = "every"  # every: loss at every position; last: last position of every prefix
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 3
+    lr_schedule: str = "constant"  # constant | linear | cosine decay to 0 at the last step of the epoch cap
+    warmup_steps: float = 0  # linear warm-up over N steps, or this fraction of all steps when < 1
     eval_batch_size: int = 256
     limit_batches: Optional[int] = None  # cap on batches per epoch (smoke runs)
     device: str = "auto"
@@ -125,6 +133,11 @@ def resolve_cutoffs(cutoffs: Optional[List[int]], data: SequenceData, coverage: 
     return cuts
 
 
+def load_config_data(cfg: TrainConfig) -> SequenceData:
+    """The data set a config trains on (file, format, filter, split, max_len, seed)."""
+    return load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed, cfg.min_item_count, cfg.min_user_count)
+
+
 def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
     """The plain dict ``build_model`` takes, with the data-dependent parts resolved."""
     mcfg = {
@@ -137,7 +150,7 @@ def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
         "max_len": cfg.max_len,
         "num_layers": cfg.num_layers,
         "num_heads": cfg.num_heads,
-        "dropout": cfg.dropout,
+        "dropout": cfg.dropout if cfg.dropout is not None else DEFAULT_DROPOUT.get(cfg.model, 0.0),
         "input": cfg.input_layer,
         "output": cfg.output_layer,
         "cutoffs": None,
@@ -147,6 +160,8 @@ def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
     }
     if cfg.tie_embeddings:  # only when set, so configs (and checkpoints) without it stay as they were
         mcfg["tie_embeddings"] = True
+    if cfg.tie_projections:
+        mcfg["tie_projections"] = True
     if cfg.model != "pop":
         mcfg["input"], mcfg["output"] = model_ends(mcfg)
         if mcfg["input"] == "blockwise" or mcfg["output"] == "adaptive":
@@ -188,7 +203,7 @@ def _write_json(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _checkpoint(cfg, mcfg, model, optimizer, state, data) -> dict:
+def _checkpoint(cfg, mcfg, model, optimizer, state, data, scheduler=None) -> dict:
     return {
         "format": 1,
         "config": cfg.to_dict(),
@@ -196,6 +211,7 @@ def _checkpoint(cfg, mcfg, model, optimizer, state, data) -> dict:
         "model": model.state_dict(),
         "best_model": state["best_model"],
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "counts": torch.as_tensor(data.counts),
         "progress": {k: v for k, v in state.items() if k != "best_model"},
         "torch_rng": torch.get_rng_state(),
@@ -267,12 +283,14 @@ def _show_bars(cfg: TrainConfig) -> bool:
     return sys.stderr.isatty() if cfg.progress_bars is None else cfg.progress_bars
 
 
-def _restore(path: Path, cfg, mcfg, model, optimizer, state, data, say) -> None:
+def _restore(path: Path, cfg, mcfg, model, optimizer, state, data, say, scheduler=None) -> None:
     ckpt = load_checkpoint(path)
     _refuse_changes(path, ckpt, cfg, mcfg, data)
     model.load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
     state.update(ckpt["progress"])
     state["best_model"] = ckpt["best_model"]
     torch.set_rng_state(ckpt["torch_rng"])
@@ -290,6 +308,7 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    check_schedule(cfg.lr_schedule, cfg.warmup_steps)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.distributed:
@@ -300,7 +319,11 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     main_process = distributed.is_main()
     out_dir = _prepare_output(cfg, main_process)
     if data is None:
-        data = load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed)
+        data = load_config_data(cfg)
+        if "filter" in data.stats and main_process:
+            f = data.stats["filter"]
+            say(f"data after the min count filter (items >= {f['min_item_count']}, users >= {f['min_user_count']}): "
+                + ", ".join(f"{v:,} {k}" for k, v in f["after"].items()))
     mcfg = model_config(cfg, data)
     model = build_model(mcfg, data.counts).to(device)
     ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
@@ -311,18 +334,19 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
         "epoch": 0, "step": 0, "global_step": 0, "epoch_loss": [0.0, 0.0], "best_score": -math.inf,
         "best_epoch": -1, "bad_epochs": 0, "history": [], "best_model": None, "train_seconds": 0.0,
     }
-    optimizer = None
+    optimizer = scheduler = None
     if model.trainable:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.epochs * _steps_per_epoch(cfg, data))
     if cfg.resume:
         if ckpt_path.is_file():
-            _restore(ckpt_path, cfg, mcfg, model, optimizer, state, data, say)
+            _restore(ckpt_path, cfg, mcfg, model, optimizer, state, data, say, scheduler)
         else:
             say(f"no checkpoint at {ckpt_path} yet: starting from scratch")
     _start_log(log_path, state["history"])
     clock = _session_clock(state)
     if model.trainable:
-        _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say, clock)
+        _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say, clock, scheduler)
         if state["best_model"] is not None:
             model.load_state_dict(state["best_model"])
     else:
@@ -364,7 +388,14 @@ def _batches_of(objective: str, data: SequenceData):
     return len(inputs_all), lambda idx: (inputs_all[idx], targets_all[idx])
 
 
-def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say, clock) -> None:
+def _steps_per_epoch(cfg: TrainConfig, data: SequenceData) -> int:
+    """Optimizer steps in one epoch (what ``_fit`` batches), for the lr schedule's length."""
+    n = len(data.prefixes) if cfg.objective == "last" else len(data.train)
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    return steps if cfg.limit_batches is None else max(1, min(steps, cfg.limit_batches))
+
+
+def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, say, clock, scheduler=None) -> None:
     """Epochs of training from ``state`` (which a checkpoint may have restored
     mid-epoch), validating and checkpointing as it goes; ``clock()`` is the run's
     training seconds so far, kept in the checkpoint."""
@@ -376,7 +407,7 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
     def save() -> None:
         if ckpt_path is not None and main_process:
             state["train_seconds"] = clock()
-            save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data), ckpt_path)
+            save_checkpoint(_checkpoint(cfg, mcfg, model, optimizer, state, data, scheduler), ckpt_path)
 
     fail_at = int(os.environ.get("CPREC_FAIL_AT_STEP", "0"))  # crash drill for the restart tests
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
@@ -411,6 +442,8 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             state["step"] += 1
             state["global_step"] += 1
             state["epoch_loss"] = [state["epoch_loss"][0] + total_loss / max(total_count, 1.0), state["epoch_loss"][1] + 1]
@@ -449,7 +482,7 @@ def evaluate_checkpoint(path, data_path=None, device: str = "auto", batch_size: 
     cfg = TrainConfig(**{**ckpt["config"], "resume": False, "output": None})
     if data_path is not None:
         cfg.data = str(data_path)
-    data = load_dataset(cfg.data, cfg.format, cfg.split, cfg.max_len, cfg.seed)
+    data = load_config_data(cfg)
     mcfg = ckpt["model_config"]
     if mcfg["num_items"] != data.num_items:
         raise ValueError(f"the data has {data.num_items} items but the checkpoint's model has {mcfg['num_items']}")
