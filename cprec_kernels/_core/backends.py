@@ -115,7 +115,9 @@ class BackendTable:
             return None
         return Kernels(getattr(module, self.forward), getattr(module, self.backward))
 
-    def _reason(self, backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    def unavailable(
+        self, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None
+    ) -> Optional[str]:
         """Why ``backend`` cannot run this op here (None if it can)."""
         reason = _device_reason(backend, device)
         if reason is not None:
@@ -137,7 +139,7 @@ class BackendTable:
         """
         name = requested_backend(backend)
         if name != "auto":
-            reason = self._reason(name, device, dtype)
+            reason = self.unavailable(name, device, dtype)
             if reason is not None:
                 raise RuntimeError(f"backend {name!r} is not available for {self.op}: {reason}")
             return name
@@ -148,7 +150,7 @@ class BackendTable:
                 continue
             if candidate in self.auto_skip:
                 continue
-            if self._reason(candidate, device, dtype) is None:
+            if self.unavailable(candidate, device, dtype) is None:
                 return candidate
         return "torch"
 

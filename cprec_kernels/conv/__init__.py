@@ -51,7 +51,9 @@ def _causal_conv1d_backward_op(
     grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     gx, gw, gb = CAUSAL_CONV1D.call_backward(backend, grad, x, weight, bias, dilation)
-    return gx, gw, none_to_empty(gb, x)
+    # A kernel may hand back a grad in its own layout (taps-major weight grad); the
+    # schema promises the inputs' layout, which the fake kernel states.
+    return gx.contiguous(), gw.contiguous(), none_to_empty(gb, x)
 
 
 @_causal_conv1d_backward_op.register_fake
@@ -143,7 +145,7 @@ def _conv_ln_relu_backward_op(
     grads = CAUSAL_CONV1D_LN_RELU.call_backward(
         backend, grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps
     )
-    return tuple(none_to_empty(g, x) for g in grads)
+    return tuple(none_to_empty(g, x).contiguous() for g in grads)
 
 
 @_conv_ln_relu_backward_op.register_fake
