@@ -106,6 +106,57 @@ def adaptive_params(
     )
 
 
+def adaptive_module(
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: Sequence[Tensor],
+    tail_weights: Sequence[Tensor],
+    cutoffs: Sequence[int],
+) -> torch.nn.AdaptiveLogSoftmaxWithLoss:
+    """An ``nn.AdaptiveLogSoftmaxWithLoss`` whose weights ARE the given tensors (not
+    copies), so autograd through its ``forward``/``log_prob`` reaches them. Needs at
+    least one tail cluster (the module cannot express cutoffs = [V])."""
+    d = head_weight.shape[1]
+    module = torch.nn.utils.skip_init(
+        torch.nn.AdaptiveLogSoftmaxWithLoss, d, cutoffs[-1], list(cutoffs[:-1]), div_value=1.0,
+        head_bias=head_bias is not None,
+    )
+    given = {"head.weight": head_weight, "head.bias": head_bias}
+    for i, (proj, weight) in enumerate(zip(tail_projections, tail_weights)):
+        given[f"tail.{i}.0.weight"], given[f"tail.{i}.1.weight"] = proj, weight
+    for name, tensor in given.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        delattr(owner, attr)
+        setattr(owner, attr, tensor)
+    return module
+
+
+def adaptive_nll_by_module(
+    hidden: Tensor,
+    target: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: Sequence[Tensor],
+    tail_weights: Sequence[Tensor],
+    cutoffs: Sequence[int],
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """The adaptive softmax loss from ``nn.AdaptiveLogSoftmaxWithLoss`` on the rows not
+    ignored; ignored rows give 0 and an all-ignored mean is 0.  hidden: [N, d]."""
+    module = adaptive_module(head_weight, head_bias, tail_projections, tail_weights, cutoffs)
+    keep = target != ignore_index
+    rows = keep.nonzero().squeeze(1)
+    per_row = hidden.new_zeros(hidden.shape[0])
+    if rows.numel() > 0:
+        per_row = per_row.index_put((rows,), -module(hidden[rows], target[rows].long()).output)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / keep.sum().clamp(min=1)
+
+
 def cutoffs_for(vocab: int, fractions: Sequence[float]) -> List[int]:
     """Block cutoffs at the given fractions of the vocabulary, then V: [c1, ..., V]."""
     return [int(vocab * f) for f in fractions] + [vocab]

@@ -338,3 +338,37 @@ def test_triton_table_grad_stays_inside_its_block(monkeypatch, chunk):
         assert grad[:G].abs().max() == 0, f"block {j}: ids of the previous block written"
         assert grad[G + table.shape[0]:].abs().max() == 0, f"block {j}: ids of the next block written"
         torch.testing.assert_close(grad[G:G + table.shape[0]], want[j], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA: the staged and L1 projection paths, 64-position backward chunks, float64
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", backend_params(BLOCKWISE_EMBEDDING, ["cuda"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_projection", [False, True])
+def test_cuda_many_tokens_staged_and_wide_paths(backend, dtype, head_projection):
+    # 3000 tokens: tiles hold >= 16 tokens of each projected block (shared-memory path);
+    # d = 320 > 256 columns per staged slice (two slices); a projected head of width
+    # 288 > 256 takes the L1 path.
+    ids = torch.cat([torch.randint(0, 50, (1500,)), torch.randint(50, 400, (1000,)), torch.randint(400, 2000, (500,))])
+    ids = ids[torch.randperm(ids.numel())].reshape(30, 100)
+    check_embedding(backend, ids, [50, 400, 2000], [288 if head_projection else 320, 80, 20], 320, dtype,
+                    head_projection, padding_idx=7)
+
+
+@pytest.mark.parametrize("backend", backend_params(BLOCKWISE_EMBEDDING, ["cuda"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_long_runs_across_chunks(backend, dtype):
+    # Backward chunks hold 64 sorted positions: a run of one popular id covers many
+    # chunks, others end exactly on chunk edges (64, 128) or one past.
+    runs = [(2, 1000), (5, 64), (6, 128), (7, 65), (8, 1), (21, 40), (45, 63), (59, 33)]
+    ids = torch.cat([torch.full((n,), i) for i, n in runs])
+    check_embedding(backend, ids[torch.randperm(ids.numel())], CUTOFFS, [16, 4, 2, 1], 16, dtype,
+                    head_projection=True, padding_idx=8)
+
+
+@pytest.mark.parametrize("backend", backend_params(BLOCKWISE_EMBEDDING, ["cuda"]))
+def test_cuda_refuses_float64_by_name(backend):
+    weights, projections = make_params(CUTOFFS, [16, 4, 2, 1], 16, torch.float64, False)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available.*not torch.float64"):
+        op(torch.tensor([1, 2], device=DEVICE), weights, projections, CUTOFFS, backend="cuda")
