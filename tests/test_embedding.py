@@ -18,7 +18,6 @@ from harness import (
     as_leaves,
     backend_params,
     check,
-    module_loads,
     noncontiguous,
     value_and_grads,
 )
