@@ -88,7 +88,15 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cprec_kernels", "cprec_kernels.triton", "cprec", "cprec.datasets"],
+    packages=[
+        "cprec_kernels",
+        "cprec_kernels._core",
+        "cprec_kernels.adaptive_softmax",
+        "cprec_kernels.conv",
+        "cprec_kernels.embedding",
+        "cprec",
+        "cprec.datasets",
+    ],
     package_dir={"cprec": "python/cprec", "cprec.datasets": "python/cprec/datasets"},
     package_data={"cprec.datasets": ["ml-latest-small/*"]},
     # torch is pinned by the user's install command (the CPU build: torch==2.13.0);

@@ -29,6 +29,7 @@ from conftest import record as record_row
 
 import cprec_kernels
 from cprec_kernels.nn import AdaptiveSoftmax
+from cprec_kernels.testing import cutoffs_for as cutoffs_at
 
 DIV = 4.0
 CUT_FRACTIONS = (0.02, 0.10, 0.35)
@@ -45,7 +46,7 @@ _layers: dict = {}
 
 
 def cutoffs_for(vocab: int) -> list:
-    return [int(vocab * f) for f in CUT_FRACTIONS] + [vocab]
+    return cutoffs_at(vocab, CUT_FRACTIONS)
 
 
 def layer_for(vocab: int) -> AdaptiveSoftmax:

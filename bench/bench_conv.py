@@ -18,11 +18,11 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import DEVICE, record, sizes, sync
 
 import cprec_kernels as ck
-from cprec_kernels import backends
+from cprec_kernels.conv import CAUSAL_CONV1D, CAUSAL_CONV1D_LN_RELU
+from cprec_kernels.testing import conv_by_padding, conv_ln_relu_by_modules
 
 TOKENS = sizes([256], [256, 4096, 32768, 65536])
 WIDTHS = sizes([64], [64, 256, 512])
@@ -34,7 +34,7 @@ EPS = 1e-8
 ROUNDS = sizes(3, 25)
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 IMPLS = ("eager", "compile", "torch", "cpu", "triton")
-OPS = {"causal_conv1d": "causal_conv1d_forward", "causal_conv1d_ln_relu": "causal_conv1d_ln_relu_forward"}
+OPS = {"causal_conv1d": CAUSAL_CONV1D, "causal_conv1d_ln_relu": CAUSAL_CONV1D_LN_RELU}
 
 
 # --------------------------------------------------------------------------------------
@@ -42,13 +42,11 @@ OPS = {"causal_conv1d": "causal_conv1d_forward", "causal_conv1d_ln_relu": "causa
 # --------------------------------------------------------------------------------------
 def eager_conv(x, weight, bias, ln_weight, ln_bias, residual, dilation):
     """[B, T, C] -> [B, T, C]: pad a copy on the left, then cuDNN/oneDNN conv1d."""
-    pad = (weight.shape[2] - 1) * dilation
-    return F.conv1d(F.pad(x.transpose(1, 2), (pad, 0)), weight, bias, dilation=dilation).transpose(1, 2)
+    return conv_by_padding(x, weight, bias, dilation)
 
 
 def eager_conv_ln_relu(x, weight, bias, ln_weight, ln_bias, residual, dilation):
-    z = eager_conv(x, weight, bias, None, None, None, dilation)
-    return torch.relu(F.layer_norm(z, (weight.shape[0],), ln_weight, ln_bias, EPS)) + residual
+    return conv_ln_relu_by_modules(x, weight, bias, ln_weight, ln_bias, dilation, EPS, residual)
 
 
 EAGER = {"causal_conv1d": eager_conv, "causal_conv1d_ln_relu": eager_conv_ln_relu}
@@ -79,8 +77,8 @@ def implementation(op: str, impl: str):
         return "torch.compile rows run on CUDA only" if DEVICE.type != "cuda" else compiled(op)
     if impl == "triton" and DEVICE.type != "cuda":
         return "Triton rows run on CUDA only (the interpreter is no real code path)"
-    if impl in ("cpu", "triton") and backends.implementation(impl, OPS[op]) is None:
-        return f"the {impl} backend has no {OPS[op]} here"
+    if impl in ("cpu", "triton") and OPS[op].kernels(impl) is None:
+        return f"the {impl} backend has no {op} here"
     if impl == "cpu" and DEVICE.type != "cpu":
         return "cpu backend rows run on CPU only"
     return library_op(op, impl)

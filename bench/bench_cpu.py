@@ -11,14 +11,14 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cprec_kernels as ck
 from cprec_kernels.nn import CausalConv1d, NextItNetBlock, every_nth_from_end, input_stride, last_position
+from cprec_kernels.testing import conv_by_padding, conv_ln_relu_by_modules, cutoffs_for, eager_blockwise_embedding
 from conftest import sizes, zipf_ids
 
 try:
-    importlib.import_module("cprec_kernels.cpu")
+    importlib.import_module("cprec_kernels._core.cpu_extension")
 except ModuleNotFoundError:
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
@@ -39,7 +39,7 @@ def _bench(benchmark, group, fn):
 # block-wise embedding, forward + backward
 # --------------------------------------------------------------------------------------
 def _cutoffs(vocab):
-    return [vocab // 50, vocab // 10, vocab // 2, vocab]
+    return cutoffs_for(vocab, (0.02, 0.1, 0.5))
 
 
 def _embedding_params(vocab, d):
@@ -51,18 +51,6 @@ def _embedding_params(vocab, d):
         weights.append((torch.randn(hi - lo, dj) * 0.1).requires_grad_())
         projs.append(None if j == 0 else (torch.randn(d, dj) * 0.1).requires_grad_())
     return weights, projs, cutoffs
-
-
-def eager_blockwise_embedding(ids, weights, projs, cutoffs):
-    """The eager block loop (fairseq AdaptiveInput style): a mask, a lookup, a matmul
-    and a scatter per block."""
-    flat = ids.reshape(-1)
-    out = weights[0].new_zeros(flat.numel(), weights[0].shape[1] if projs[0] is None else projs[0].shape[0])
-    for lo, hi, table, proj in zip([0] + cutoffs[:-1], cutoffs, weights, projs):
-        rows = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
-        vec = F.embedding(flat[rows] - lo, table)
-        out = out.index_put((rows,), vec if proj is None else vec @ proj.t())
-    return out.view(*ids.shape, -1)
 
 
 @pytest.mark.parametrize("n,vocab,d", sizes([(1024, 10_000, 64)], [(16_384, 100_000, 256)]))
@@ -143,9 +131,7 @@ def test_adaptive_softmax_loss_fwd_bwd(benchmark, impl, n, d, vocab, cutoffs):
 # --------------------------------------------------------------------------------------
 def eager_conv_ln_relu(x, w, b, ln_w, ln_b, residual, dilation, eps=1e-8):
     """NextItNet's conv layer as eager PyTorch: padded copy, conv1d, LayerNorm, ReLU."""
-    pad = (w.shape[2] - 1) * dilation
-    z = F.conv1d(F.pad(x.transpose(1, 2), (pad, 0)), w, b, dilation=dilation).transpose(1, 2)
-    return torch.relu(F.layer_norm(z, (w.shape[0],), ln_w, ln_b, eps)) + residual
+    return conv_ln_relu_by_modules(x, w, b, ln_w, ln_b, dilation, eps, residual)
 
 
 @pytest.mark.parametrize("batch,t,c", sizes([(4, 50, 64)], [(32, 100, 256), (1, 50, 256)]))
@@ -186,17 +172,12 @@ class NextItNetEager(torch.nn.Module):
             h = x
             for j, dj in enumerate((dil, 2 * dil)):
                 conv, norm = self.convs[2 * i + j], self.norms[2 * i + j]
-                h = torch.relu(norm(eager_conv_ln_relu_z(h, conv.weight, conv.bias, dj)))
+                h = torch.relu(norm(conv_by_padding(h, conv.weight, conv.bias, dj)))
             x = x + h
         return x[:, -1]
 
     def forward(self, ids, k):
         return torch.topk(torch.log_softmax(self.out(self.trunk(ids)), -1), k)
-
-
-def eager_conv_ln_relu_z(x, w, b, dilation):
-    pad = (w.shape[2] - 1) * dilation
-    return F.conv1d(F.pad(x.transpose(1, 2), (pad, 0)), w, b, dilation=dilation).transpose(1, 2)
 
 
 class CpRecCpu(torch.nn.Module):

@@ -20,6 +20,7 @@ from conftest import DEVICE, record, sizes, sync, zipf_ids
 
 import cprec_kernels
 from cprec_kernels.nn import block_width
+from cprec_kernels.testing import cutoffs_for as cutoffs_at
 
 DIV = 4.0
 CUT_FRACTIONS = (0.05, 0.2, 0.5)
@@ -34,7 +35,7 @@ _ids_cache: dict = {}
 
 
 def cutoffs_for(vocab: int) -> list:
-    return [int(vocab * f) for f in CUT_FRACTIONS] + [vocab]
+    return cutoffs_at(vocab, CUT_FRACTIONS)
 
 
 def ids_for(n: int, vocab: int) -> torch.Tensor:

@@ -42,7 +42,10 @@ import torch
 from conftest import DEVICE, FULL, sizes, sync, zipf_ids
 
 from cprec.models import CpRec, NextItNet
-from cprec_kernels import backends
+from cprec_kernels.adaptive_softmax import ADAPTIVE_SOFTMAX_LOSS, ADAPTIVE_TOPK
+from cprec_kernels.conv import CAUSAL_CONV1D_LN_RELU
+from cprec_kernels.embedding import BLOCKWISE_EMBEDDING
+from cprec_kernels.testing import cutoffs_for as cutoffs_at
 
 if os.environ.get("CPREC_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["CPREC_BENCH_THREADS"]))
@@ -63,16 +66,12 @@ ROUND_BUDGET_S = sizes(0.3, 8.0)
 MIN_ROUNDS, MAX_ROUNDS = sizes(3, 5), sizes(5, 40)
 
 
-# What CpRec's training step and top-k call on a fused backend.
-CPREC_FUNCTIONS = (
-    "causal_conv1d_ln_relu_forward", "causal_conv1d_ln_relu_backward", "blockwise_embedding_forward",
-    "blockwise_embedding_backward", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward",
-    "adaptive_topk_forward",
-)
+# The ops CpRec's training step and top-k call on a fused backend.
+CPREC_OPS = (CAUSAL_CONV1D_LN_RELU, BLOCKWISE_EMBEDDING, ADAPTIVE_SOFTMAX_LOSS, ADAPTIVE_TOPK)
 
 
 def cutoffs_for(vocab: int) -> list:
-    return [int(vocab * f) for f in CUT_FRACTIONS] + [vocab]
+    return cutoffs_at(vocab, CUT_FRACTIONS)
 
 
 def model_and_backend(impl: str):
@@ -91,9 +90,9 @@ def skip_unless_runnable(impl: str, mode: str, vocab: int, batch: int) -> None:
         why = " (the Triton interpreter is not timed)" if backend == "triton" else ""
         pytest.skip(f"backend {backend!r} needs a CUDA device{why}")
     if backend != "torch":
-        for function in CPREC_FUNCTIONS:
+        for table in CPREC_OPS:
             try:
-                backends.resolve(backend, function, DEVICE, DTYPE)
+                table.resolve(backend, DEVICE, DTYPE)
             except RuntimeError as err:
                 pytest.skip(f"backend {backend!r} cannot run CpRec on {DEVICE}: {err}")
     if compiled and not FULL:

@@ -30,14 +30,14 @@ print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_
 PY
 
 # 1. correctness on CUDA (the tests CI runs under the interpreter), one op at a time
-for t in test_triton_conv test_triton_embedding test_triton_adaptive_softmax test_ops_reference; do
+for t in test_conv test_embedding test_adaptive_softmax test_triton_precision; do
     step "$t" timeout 240 python -m pytest -q "tests/$t.py"
 done
 
 # 2. the cuda backend: build in place (nvcc, ninja), its tests, and its embedding timing
 if command -v nvcc >/dev/null 2>&1; then
     step build_cuda timeout 420 python setup.py build_ext --inplace
-    step test_cuda_backend timeout 180 python -m pytest -q tests/test_cuda_backend.py
+    step test_cuda_backend timeout 180 python -m pytest -q tests/test_embedding.py -k cuda
     # bench_embedding's own steps (same ids, tables and sync), timed with triton's do_bench
     step time_cuda_embedding timeout 240 python - <<'PY'
 import sys

@@ -163,7 +163,7 @@ def _device_mode(value):
     """The constexpr a CUDA tensor would get where the interpreter got ``"upcast"``."""
     if value != _UPCAST:
         return value
-    from cprec_kernels.triton._common import mma_mode
+    from cprec_kernels._triton_common import mma_mode
     return mma_mode(SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda")))
 
 

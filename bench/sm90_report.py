@@ -63,7 +63,7 @@ def _dims(fractions: Sequence[float], vocab: int) -> List[int]:
 # the launches, op by op (the backends' own functions with CPU tensors)
 # --------------------------------------------------------------------------------------
 def conv_cases(dtype: torch.dtype) -> List[Tuple[str, Callable[[], object]]]:
-    from cprec_kernels.triton import conv
+    from cprec_kernels.conv import triton as conv
 
     cases = []
     for d in CONV_WIDTHS:
@@ -82,7 +82,7 @@ def conv_cases(dtype: torch.dtype) -> List[Tuple[str, Callable[[], object]]]:
 
 
 def embedding_cases(dtype: torch.dtype) -> List[Tuple[str, Callable[[], object]]]:
-    from cprec_kernels.triton import embedding
+    from cprec_kernels.embedding import triton as embedding
 
     cuts = _dims(EMB_CUTS, EMB_V)
     edges = [0] + cuts
@@ -98,7 +98,7 @@ def embedding_cases(dtype: torch.dtype) -> List[Tuple[str, Callable[[], object]]
 
 
 def adaptive_cases(dtype: torch.dtype) -> List[Tuple[str, Callable[[], object]]]:
-    from cprec_kernels.triton import adaptive_softmax as asm
+    from cprec_kernels.adaptive_softmax import triton as asm
 
     cuts = _dims(ASM_CUTS, ASM_V)
     head = torch.empty(cuts[0] + len(cuts) - 1, ASM_D, dtype=dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import adaptive_softmax as _asm
-from ._validation import check_cutoffs
+from ._core.validation import check_cutoffs
 from .conv import causal_conv1d, causal_conv1d_ln_relu
 from .embedding import blockwise_embedding
 

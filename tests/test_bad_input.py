@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cprec_kernels as ck
-from helpers import make_adaptive
+from cprec_kernels.testing import adaptive_params
 
 
 def test_conv_bad_inputs():
@@ -84,7 +84,7 @@ def test_embedding_bad_layout():
 
 
 def test_adaptive_bad_inputs():
-    _, (hw, hb, tp, tw) = make_adaptive(8, [6, 10, 19, 30], dtype=torch.float32)
+    hw, hb, tp, tw = adaptive_params(torch.nn.AdaptiveLogSoftmaxWithLoss(8, 30, [6, 10, 19], div_value=2.0))
     h = torch.randn(4, 8)
     good = torch.tensor([0, 7, 15, 29])
     with pytest.raises(ValueError, match=r"target holds 1 id\(s\) outside \[0, 30\)"):

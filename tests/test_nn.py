@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from cprec_kernels.nn import AdaptiveSoftmax, BlockwiseEmbedding, CausalConv1d, NextItNetBlock
-from helpers import conv_by_padding
+from cprec_kernels.testing import conv_by_padding, embedding_by_loop
 
 
 def test_adaptive_softmax_round_trips_torch_module():
@@ -57,8 +57,11 @@ def test_blockwise_embedding_module_widths_and_padding():
     emb = BlockwiseEmbedding([4, 10, 30], 16, div_value=4.0, padding_idx=30)
     assert [tuple(w.shape) for w in emb.weights] == [(4, 16), (6, 4), (20, 1)]
     assert emb.head_projection is None and [tuple(p.shape) for p in emb.tail_projections] == [(16, 4), (16, 1)]
-    out = emb(torch.tensor([[30, 0, 29]]))
-    assert out.shape == (1, 3, 16) and out[0, 0].abs().sum() == 0
+    ids = torch.tensor([[30, 0, 29], [4, 3, 10]])
+    out = emb(ids)
+    assert out.shape == (2, 3, 16) and out[0, 0].abs().sum() == 0
+    projections = [emb.head_projection, *emb.tail_projections]
+    torch.testing.assert_close(out, embedding_by_loop(ids, list(emb.weights), projections, [4, 10, 30], padding_idx=30))
 
 
 # --------------------------------------------------------------------------------------

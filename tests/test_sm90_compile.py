@@ -24,7 +24,7 @@ COMPILE_EMBEDDING = """
 import dataclasses, json, sys, torch
 sys.path.insert(0, "bench")
 from sm90_compile import compiling_for_sm90
-from cprec_kernels.triton import embedding
+from cprec_kernels.embedding import triton as embedding
 dt = torch.bfloat16
 weights = [torch.empty(70, 48, dtype=dt), torch.empty(130, 16, dtype=dt), torch.empty(300, 16, dtype=dt)]
 projections = [None, torch.empty(48, 16, dtype=dt), torch.empty(48, 16, dtype=dt)]

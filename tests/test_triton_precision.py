@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from cprec_kernels.triton._common import fp32_precision, mma_mode  # noqa: E402
+from cprec_kernels._triton_common import fp32_precision, mma_mode  # noqa: E402
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from cprec_kernels.nn import (
     input_stride,
     last_position,
 )
-from cprec_kernels.reference import mask_excluded
+from cprec_kernels import mask_excluded
 
 from .sharing import layer_map
 from .tied import TiedAdaptiveSoftmax

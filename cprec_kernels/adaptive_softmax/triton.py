@@ -1,6 +1,6 @@
 """Triton backend of the tail-cluster adaptive softmax: loss, full log-probs and top-k.
 
-Formula (``cprec_kernels.reference`` is the definition). With head logits
+Formula (``cprec_kernels.adaptive_softmax.reference`` is the definition). With head logits
 ``a = h @ W^T + b`` over ``H = c1 + n_tails`` columns and, for tail i, the code
 ``z_i = h @ Q_i^T`` and logits ``t_i = z_i @ F_i^T``:
 
@@ -36,8 +36,8 @@ Memory traffic it is designed for (N rows, loss):
 
 Dtypes: float32, float16 and bfloat16 hidden/weights; dot operands in the weight
 dtype (float32 dots follow torch's float32 matmul precision: IEEE by default),
-accumulation, lse and outputs in float32. float64 raises TypeError: tl.dot has no
-float64 on GPUs (use backend="torch").
+accumulation, lse and outputs in float32. float64 is not run (DTYPES; backend="triton"
+raises RuntimeError): tl.dot has no float64 on GPUs (use backend="torch").
 """
 from __future__ import annotations
 
@@ -48,10 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import _row_weights
-from ._common import mma as _mma
-from ._common import mma_mode as _mma_mode
-from ._common import pow2 as _pow2
+from .._core.tensors import block_bounds
+from .._core.tensors import row_weights as _row_weights
+from .._triton_common import mma as _mma
+from .._triton_common import mma_mode as _mma_mode
+from .._triton_common import pow2 as _pow2
 
 Tensor = torch.Tensor
 
@@ -529,16 +530,21 @@ def _write_log_prob(x: Tensor, w: Tensor, b: Optional[Tensor], shift: Tensor, ou
     )
 
 
+# Input dtypes this backend runs; the backend table refuses others before a call.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_dtype(hidden: Tensor) -> None:
-    if hidden.dtype == torch.float64:
-        raise TypeError(
+    # For direct calls that bypass the backend table.
+    if hidden.dtype not in DTYPES:
+        raise RuntimeError(
             "the triton adaptive softmax supports float32, float16 and bfloat16, not float64 "
             "(tl.dot has no float64 on GPUs); use backend='torch' for float64"
         )
 
 
 def _tail_bounds(cutoffs: Sequence[int]) -> List[Tuple[int, int]]:
-    return list(zip(cutoffs[:-1], cutoffs[1:]))
+    return block_bounds(cutoffs)[1:]
 
 
 # --------------------------------------------------------------------------------------

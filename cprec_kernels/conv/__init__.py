@@ -5,6 +5,9 @@ LayerNorm + ReLU (+ residual): the public ops and their registration.
     causal_conv1d_ln_relu(...) = relu(layer_norm(causal_conv1d(x, W, b, dilation))) (+ residual)
 
 x: [B, T, C_in], W: [C_out, C_in, K] (``nn.Conv1d`` layout), output [B, T, C_out].
+
+The definition is ``reference.py``; ``triton.py`` and ``cpu.py`` are the fused backends,
+chosen per call through the backend tables below.
 """
 from __future__ import annotations
 
@@ -12,10 +15,22 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, backends
-from ._validation import check_tensor
+from .._core.backends import BackendTable
+from .._core.tensors import acc_dtype, fake_like, grad_if_given, none_to_empty
+from .._core.validation import check_tensor
 
 Tensor = torch.Tensor
+
+# Backend -> the module holding both directions of each conv op.
+_MODULES = {
+    "torch": "cprec_kernels.conv.reference",
+    "triton": "cprec_kernels.conv.triton",
+    "cpu": "cprec_kernels.conv.cpu",
+}
+CAUSAL_CONV1D = BackendTable("causal_conv1d", "causal_conv1d_forward", "causal_conv1d_backward", _MODULES)
+CAUSAL_CONV1D_LN_RELU = BackendTable(
+    "causal_conv1d_ln_relu", "causal_conv1d_ln_relu_forward", "causal_conv1d_ln_relu_backward", _MODULES
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -23,7 +38,7 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------
 @torch.library.custom_op("cprec::causal_conv1d", mutates_args=())
 def _causal_conv1d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, backend: str) -> Tensor:
-    return _dispatch.call(backend, "causal_conv1d_forward", x, weight, bias, dilation)
+    return CAUSAL_CONV1D.call_forward(backend, x, weight, bias, dilation)
 
 
 @_causal_conv1d_op.register_fake
@@ -35,13 +50,15 @@ def _(x, weight, bias, dilation, backend):
 def _causal_conv1d_backward_op(
     grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    gx, gw, gb = _dispatch.call(backend, "causal_conv1d_backward", grad, x, weight, bias, dilation)
-    return gx, gw, _dispatch.or_absent(gb, x)
+    gx, gw, gb = CAUSAL_CONV1D.call_backward(backend, grad, x, weight, bias, dilation)
+    # A kernel may hand back a grad in its own layout (taps-major weight grad); the
+    # schema promises the inputs' layout, which the fake kernel states.
+    return gx.contiguous(), gw.contiguous(), none_to_empty(gb, x)
 
 
 @_causal_conv1d_backward_op.register_fake
 def _(grad, x, weight, bias, dilation, backend):
-    return torch.empty_like(x), torch.empty_like(weight), _dispatch.fake_like(bias, x)
+    return torch.empty_like(x), torch.empty_like(weight), fake_like(bias, x)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -53,13 +70,14 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
     gx, gw, gb = _causal_conv1d_backward_op(grad.contiguous(), x, weight, bias, ctx.dilation, ctx.backend)
-    return gx, gw, _dispatch.present(gb, bias), None, None
+    return gx, gw, grad_if_given(gb, bias), None, None
 
 
 _causal_conv1d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
-def _check_conv_args(x, weight, bias, dilation) -> None:
+def check_conv_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> None:
+    """Raise TypeError (dtype) or ValueError (shape, value) unless the conv inputs fit."""
     check_tensor("x", x, shape=(None, None, None))
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x is an empty batch (shape {list(x.shape)}); B and T must be >= 1")
@@ -81,8 +99,8 @@ def causal_conv1d(
     output t sees inputs t, t - dilation, ..., t - (K-1)*dilation (zeros before 0).
     backend: "auto" | "torch" | "triton" | "cpu" | "cuda" (default: $CPREC_BACKEND or auto).
     """
-    _check_conv_args(x, weight, bias, dilation)
-    name = backends.resolve(backend, "causal_conv1d_forward", x.device, x.dtype)
+    check_conv_args(x, weight, bias, dilation)
+    name = CAUSAL_CONV1D.resolve(backend, x.device, x.dtype)
     return _causal_conv1d_op(x.contiguous(), weight.contiguous(), bias, dilation, name)
 
 
@@ -101,15 +119,11 @@ def _conv_ln_relu_op(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _dispatch.call(
-        backend, "causal_conv1d_ln_relu_forward", x, weight, bias, ln_weight, ln_bias, residual, dilation, eps
-    )
+    return CAUSAL_CONV1D_LN_RELU.call_forward(backend, x, weight, bias, ln_weight, ln_bias, residual, dilation, eps)
 
 
 @_conv_ln_relu_op.register_fake
 def _(x, weight, bias, ln_weight, ln_bias, residual, dilation, eps, backend):
-    from .reference import acc_dtype
-
     stats = x.new_empty(x.shape[0], x.shape[1], dtype=acc_dtype(x.dtype))
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0]), stats, torch.empty_like(stats)
 
@@ -128,10 +142,10 @@ def _conv_ln_relu_backward_op(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _dispatch.call(
-        backend, "causal_conv1d_ln_relu_backward", grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps
+    grads = CAUSAL_CONV1D_LN_RELU.call_backward(
+        backend, grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps
     )
-    return tuple(_dispatch.or_absent(g, x) for g in grads)
+    return tuple(none_to_empty(g, x).contiguous() for g in grads)
 
 
 @_conv_ln_relu_backward_op.register_fake
@@ -139,9 +153,9 @@ def _(grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps, back
     return (
         torch.empty_like(x),
         torch.empty_like(weight),
-        _dispatch.fake_like(bias, x),
-        _dispatch.fake_like(ln_weight, x),
-        _dispatch.fake_like(ln_bias, x),
+        fake_like(bias, x),
+        fake_like(ln_weight, x),
+        fake_like(ln_bias, x),
     )
 
 
@@ -160,7 +174,7 @@ def _ln_backward(ctx, grad, _grad_mean, _grad_rstd):
         grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, ctx.dilation, ctx.eps, ctx.backend
     )
     g_res = grad if ctx.has_residual else None
-    p = _dispatch.present
+    p = grad_if_given
     return gx, gw, p(gb, bias), p(glw, ln_weight), p(glb, ln_bias), g_res, None, None, None
 
 
@@ -184,7 +198,7 @@ def causal_conv1d_ln_relu(
     None, residual: [B, T, C_out] or None (added after the ReLU) -> [B, T, C_out].
     LayerNorm runs over C_out with ``eps``; this is NextItNet's conv layer.
     """
-    _check_conv_args(x, weight, bias, dilation)
+    check_conv_args(x, weight, bias, dilation)
     c_out = weight.shape[0]
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None:
@@ -194,7 +208,7 @@ def causal_conv1d_ln_relu(
         residual = residual.contiguous()
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    name = backends.resolve(backend, "causal_conv1d_ln_relu_forward", x.device, x.dtype)
+    name = CAUSAL_CONV1D_LN_RELU.resolve(backend, x.device, x.dtype)
     out, _, _ = _conv_ln_relu_op(
         x.contiguous(), weight.contiguous(), bias, ln_weight, ln_bias, residual, dilation, float(eps), name
     )

@@ -5,6 +5,9 @@
 ids: any shape of int64/int32 in [0, V) (or ``padding_idx``), E_j = weights[j]:
 [c_{j+1} - c_j, d_j], P_j = projections[j]: [d, d_j] (``nn.Linear(d_j, d)`` layout) or
 None for the identity (then d_j = d), cutoffs = [c1, ..., V] -> out: [*ids.shape, d].
+
+The definition is ``reference.py``; ``triton.py``, ``cpu.py`` and ``cuda.py`` are the
+fused backends, chosen per call through the backend table below.
 """
 from __future__ import annotations
 
@@ -12,17 +15,30 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import _dispatch, backends
-from ._validation import INDEX_DTYPES, check_cutoffs, check_ids_in_range, check_tensor
+from .._core.backends import BackendTable
+from .._core.tensors import empty_to_none, grad_if_given, none_to_empty, nones_to_empty
+from .._core.validation import INDEX_DTYPES, check_cutoffs, check_ids_in_range, check_tensor
 from .reference import embedding_dim
 
 Tensor = torch.Tensor
+
+BLOCKWISE_EMBEDDING = BackendTable(
+    "blockwise_embedding",
+    "blockwise_embedding_forward",
+    "blockwise_embedding_backward",
+    {
+        "torch": "cprec_kernels.embedding.reference",
+        "triton": "cprec_kernels.embedding.triton",
+        "cpu": "cprec_kernels.embedding.cpu",
+        "cuda": "cprec_kernels.embedding.cuda",
+    },
+)
 
 
 def _projections(projections: Sequence[Tensor]) -> List[Optional[Tensor]]:
     # Custom op schemas take no Optional entries in a differentiable list, so an
     # identity projection travels as an empty tensor.
-    return [None if p.numel() == 0 else p for p in projections]
+    return [empty_to_none(p) for p in projections]
 
 
 @torch.library.custom_op("cprec::blockwise_embedding", mutates_args=())
@@ -37,9 +53,7 @@ def _embedding_op(
 ) -> Tensor:
     if check_bounds:
         check_ids_in_range("ids", ids, cutoffs[-1], ignore=padding_idx)
-    return _dispatch.call(
-        backend, "blockwise_embedding_forward", ids, weights, _projections(projections), cutoffs, padding_idx
-    )
+    return BLOCKWISE_EMBEDDING.call_forward(backend, ids, weights, _projections(projections), cutoffs, padding_idx)
 
 
 @_embedding_op.register_fake
@@ -57,10 +71,10 @@ def _embedding_backward_op(
     padding_idx: Optional[int],
     backend: str,
 ) -> tuple[List[Tensor], List[Tensor]]:
-    gw, gp = _dispatch.call(
-        backend, "blockwise_embedding_backward", grad, ids, weights, _projections(projections), cutoffs, padding_idx
+    gw, gp = BLOCKWISE_EMBEDDING.call_backward(
+        backend, grad, ids, weights, _projections(projections), cutoffs, padding_idx
     )
-    return list(gw), [_dispatch.or_absent(g, grad) for g in gp]
+    return list(gw), nones_to_empty(gp, grad)
 
 
 @_embedding_backward_op.register_fake
@@ -81,15 +95,18 @@ def _backward(ctx, grad):
     gw, gp = _embedding_backward_op(
         grad.contiguous(), ids, weights, projections, ctx.cutoffs, ctx.padding_idx, ctx.backend
     )
-    gp = [None if p.numel() == 0 else g for g, p in zip(gp, projections)]
+    gp = [grad_if_given(g, empty_to_none(p)) for g, p in zip(gp, projections)]
     return None, gw, gp, None, None, None, None
 
 
 _embedding_op.register_autograd(_backward, setup_context=_setup)
 
 
-def check_embedding_args(ids, weights, projections, cutoffs) -> list:
-    """Validate the block layout; -> cutoffs as a list of ints."""
+def check_embedding_args(
+    ids: Tensor, weights: Sequence[Tensor], projections: Sequence[Optional[Tensor]], cutoffs: Sequence[int]
+) -> List[int]:
+    """Raise TypeError (dtype) or ValueError (shape, value) unless the block layout fits;
+    -> cutoffs as a list of ints."""
     check_tensor("ids", ids, dtypes=INDEX_DTYPES)
     if ids.numel() == 0:
         raise ValueError(f"ids is an empty batch (shape {list(ids.shape)})")
@@ -137,11 +154,11 @@ def blockwise_embedding(
     cutoffs = check_embedding_args(ids, weights, projections, cutoffs)
     if padding_idx is not None and not isinstance(padding_idx, int):
         raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
-    name = backends.resolve(backend, "blockwise_embedding_forward", ids.device, weights[0].dtype)
+    name = BLOCKWISE_EMBEDDING.resolve(backend, ids.device, weights[0].dtype)
     return _embedding_op(
         ids,
         [w.contiguous() for w in weights],
-        [weights[0].new_empty(0) if p is None else p.contiguous() for p in projections],
+        [none_to_empty(p, weights[0]).contiguous() for p in projections],
         cutoffs,
         padding_idx,
         bool(check_bounds),

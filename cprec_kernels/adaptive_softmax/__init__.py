@@ -11,6 +11,9 @@ Weight layouts are those of ``torch.nn.AdaptiveLogSoftmaxWithLoss``: head_weight
 ``head.weight`` [c1 + n_tails, d], head_bias = ``head.bias`` or None,
 tail_projections[i] = ``tail[i][0].weight`` [d_i, d], tail_weights[i] =
 ``tail[i][1].weight`` [c_{i+2} - c_{i+1}, d_i]; cutoffs = [c1, ..., V].
+
+The definition is ``reference.py``; ``triton.py`` and ``cpu.py`` are the fused
+backends, chosen per call through the backend tables below.
 """
 from __future__ import annotations
 
@@ -18,24 +21,43 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _dispatch, backends
-from ._validation import INDEX_DTYPES, check_cutoffs, check_ids_in_range, check_tensor
-from .reference import acc_dtype
+from .._core.backends import BackendTable
+from .._core.tensors import acc_dtype, fake_like, grad_if_given, none_to_empty
+from .._core.tensors import mask_excluded  # noqa: F401  (public: callers mask scores the top-k way)
+from .._core.validation import INDEX_DTYPES, check_cutoffs, check_ids_in_range, check_tensor
 
 Tensor = torch.Tensor
 REDUCTIONS = ("mean", "sum", "none")
 
+# Backend -> the module holding both directions of each adaptive softmax op.
+_MODULES = {
+    "torch": "cprec_kernels.adaptive_softmax.reference",
+    "triton": "cprec_kernels.adaptive_softmax.triton",
+    "cpu": "cprec_kernels.adaptive_softmax.cpu",
+}
+# The cpu loss measured slower than the eager reference on an idle 2-core machine
+# (bench/RESULTS.md: 294 ms vs 178 ms at N = 4,096, V = 100k, d = 256), so ``auto``
+# keeps the reference; backend="cpu" still runs it.
+ADAPTIVE_SOFTMAX_LOSS = BackendTable(
+    "adaptive_softmax_loss", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward", _MODULES,
+    auto_skip=("cpu",),
+)
+ADAPTIVE_LOG_PROB = BackendTable("adaptive_log_prob", "adaptive_log_prob_forward", "adaptive_log_prob_backward", _MODULES)
+# The selected log-probs are entries of the full matrix, so the top-k's backward is
+# the log-prob backward of the same backend.
+ADAPTIVE_TOPK = BackendTable("adaptive_topk", "adaptive_topk_forward", "adaptive_log_prob_backward", _MODULES)
+
 
 def _grads_out(grads, hidden):
     gh, ghw, ghb, gtp, gtw = grads
-    return gh, ghw, _dispatch.or_absent(ghb, hidden), list(gtp), list(gtw)
+    return gh, ghw, none_to_empty(ghb, hidden), list(gtp), list(gtw)
 
 
 def _fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights):
     return (
         torch.empty_like(hidden),
         torch.empty_like(head_weight),
-        _dispatch.fake_like(head_bias, hidden),
+        fake_like(head_bias, hidden),
         [torch.empty_like(p) for p in tail_projections],
         [torch.empty_like(w) for w in tail_weights],
     )
@@ -54,7 +76,7 @@ def _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_wei
 
 def _param_grads(grads, head_bias):
     gh, ghw, ghb, gtp, gtw = grads
-    return gh, ghw, _dispatch.present(ghb, head_bias), gtp, gtw
+    return gh, ghw, grad_if_given(ghb, head_bias), gtp, gtw
 
 
 # --------------------------------------------------------------------------------------
@@ -74,8 +96,8 @@ def _loss_op(
     backend: str,
 ) -> Tensor:
     check_ids_in_range("target", target, cutoffs[-1], ignore=ignore_index)
-    return _dispatch.call(
-        backend, "adaptive_softmax_loss_forward",
+    return ADAPTIVE_SOFTMAX_LOSS.call_forward(
+        backend,
         hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
     )
 
@@ -100,8 +122,8 @@ def _loss_backward_op(
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
-    grads = _dispatch.call(
-        backend, "adaptive_softmax_loss_backward",
+    grads = ADAPTIVE_SOFTMAX_LOSS.call_backward(
+        backend,
         grad, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
     )
     return _grads_out(grads, hidden)
@@ -144,9 +166,7 @@ def _log_prob_op(
     cutoffs: List[int],
     backend: str,
 ) -> Tensor:
-    return _dispatch.call(
-        backend, "adaptive_log_prob_forward", hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs
-    )
+    return ADAPTIVE_LOG_PROB.call_forward(backend, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
 
 
 @_log_prob_op.register_fake
@@ -165,8 +185,8 @@ def _log_prob_backward_op(
     cutoffs: List[int],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
-    grads = _dispatch.call(
-        backend, "adaptive_log_prob_backward",
+    grads = ADAPTIVE_LOG_PROB.call_backward(
+        backend,
         grad, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs,
     )
     return _grads_out(grads, hidden)
@@ -177,11 +197,14 @@ def _(grad, hidden, head_weight, head_bias, tail_projections, tail_weights, cuto
     return _fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights)
 
 
-def _params_setup(ctx, inputs, output):
+def _params_setup(ctx, inputs, *extra):
     hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, *_, backend = inputs
-    extra = (output[1],) if isinstance(output, tuple) else ()
     _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_weights, *extra)
     ctx.cutoffs, ctx.backend = cutoffs, backend
+
+
+def _log_prob_setup(ctx, inputs, output):
+    _params_setup(ctx, inputs)
 
 
 def _log_prob_grads(ctx, grad_lp):
@@ -196,7 +219,7 @@ def _log_prob_backward(ctx, grad):
     return *_log_prob_grads(ctx, grad), None, None
 
 
-_log_prob_op.register_autograd(_log_prob_backward, setup_context=_params_setup)
+_log_prob_op.register_autograd(_log_prob_backward, setup_context=_log_prob_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -216,8 +239,8 @@ def _topk_op(
 ) -> tuple[Tensor, Tensor]:
     if exclude is not None:
         check_ids_in_range("exclude", exclude, cutoffs[-1], allow_negative=True)
-    return _dispatch.call(
-        backend, "adaptive_topk_forward", hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude
+    return ADAPTIVE_TOPK.call_forward(
+        backend, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude
     )
 
 
@@ -225,6 +248,11 @@ def _topk_op(
 def _(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude, backend):
     values = hidden.new_empty(hidden.shape[0], k, dtype=acc_dtype(hidden.dtype))
     return values, hidden.new_empty(hidden.shape[0], k, dtype=torch.int64)
+
+
+def _topk_setup(ctx, inputs, output):
+    _, ids = output
+    _params_setup(ctx, inputs, ids)
 
 
 def _topk_backward(ctx, grad_values, _grad_ids):
@@ -235,14 +263,22 @@ def _topk_backward(ctx, grad_values, _grad_ids):
     return *_log_prob_grads(ctx, grad_lp), None, None, None, None
 
 
-_topk_op.register_autograd(_topk_backward, setup_context=_params_setup)
+_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
-def check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs) -> list:
-    """Validate the adaptive softmax layout; -> cutoffs as a list of ints."""
+def check_adaptive_args(
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: Sequence[Tensor],
+    tail_weights: Sequence[Tensor],
+    cutoffs: Sequence[int],
+) -> List[int]:
+    """Raise TypeError (dtype) or ValueError (shape, value) unless the adaptive softmax
+    layout fits; -> cutoffs as a list of ints."""
     check_tensor("hidden", hidden, shape=(None, None))
     if hidden.shape[0] == 0:
         raise ValueError("hidden is an empty batch (0 rows)")
@@ -290,7 +326,7 @@ def adaptive_softmax_loss(
     check_tensor("target", target, shape=(hidden.shape[0],), dtypes=INDEX_DTYPES, device=hidden.device)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    name = backends.resolve(backend, "adaptive_softmax_loss_forward", hidden.device, hidden.dtype)
+    name = ADAPTIVE_SOFTMAX_LOSS.resolve(backend, hidden.device, hidden.dtype)
     return _loss_op(
         hidden.contiguous(), target.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, int(ignore_index), reduction, name,
@@ -308,7 +344,7 @@ def adaptive_log_prob(
 ) -> Tensor:
     """log p(v | hidden) for every item.  hidden: [N, d] -> [N, V] (float32, or float64)."""
     cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
-    name = backends.resolve(backend, "adaptive_log_prob_forward", hidden.device, hidden.dtype)
+    name = ADAPTIVE_LOG_PROB.resolve(backend, hidden.device, hidden.dtype)
     return _log_prob_op(
         hidden.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, name,
@@ -337,7 +373,7 @@ def adaptive_topk(
     if exclude is not None:
         check_tensor("exclude", exclude, shape=(hidden.shape[0], None), dtypes=INDEX_DTYPES, device=hidden.device)
         exclude = exclude.contiguous()
-    name = backends.resolve(backend, "adaptive_topk_forward", hidden.device, hidden.dtype)
+    name = ADAPTIVE_TOPK.resolve(backend, hidden.device, hidden.dtype)
     return _topk_op(
         hidden.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, k, exclude, name,

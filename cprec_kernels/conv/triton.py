@@ -50,10 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import acc_dtype
-from ._common import mma as _mma
-from ._common import mma_mode as _mma_mode
-from ._common import pow2 as _pow2
+from .._core.tensors import acc_dtype
+from .._triton_common import mma as _mma
+from .._triton_common import mma_mode as _mma_mode
+from .._triton_common import pow2 as _pow2
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: thin wrappers over the CUDA C++ kernels of ``csrc/cuda``.
+"""The ``cuda`` backend of the block-wise embedding: thin wrappers over the CUDA C++ kernels of ``csrc/cuda``.
 
 Importing this module loads the compiled extension ``cprec_kernels._C_cuda``, which
 registers the kernels as ``torch.ops.cprec_cuda.*`` for the CUDA dispatch key. It is
@@ -11,9 +11,9 @@ saying why, which ``backends`` reads as "not available": ``auto`` falls back qui
 ``backend="cuda"`` raises RuntimeError with that text.
 
 Every function has the name, signature and return structure of its namesake in
-``cprec_kernels.reference``. The kernels run float32, bfloat16 and float16 tables with
-fp32 accumulation; float64 is refused (``auto`` never sends it here). Implemented so far:
-the block-wise embedding (forward, and a deterministic backward).
+``cprec_kernels.embedding.reference``. The kernels run float32, bfloat16 and float16
+tables with fp32 accumulation (``DTYPES``); float64 is refused with RuntimeError, as by
+every backend that cannot run a dtype (``auto`` never sends it here).
 """
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._core.tensors import nones_to_empty
+
 Tensor = torch.Tensor
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CSRC = os.path.join(_ROOT, "csrc")
 _HOW = (
     "it is built by `pip install --no-build-isolation -e .` when torch is a CUDA build and nvcc is found, "
@@ -61,7 +63,7 @@ def _load_extension():
     if torch.version.cuda is None:
         raise _not_built(f"this torch ({torch.__version__}) is a CPU-only build, without CUDA")
     try:
-        from . import _C_cuda  # noqa: F401  (loading it registers torch.ops.cprec_cuda)
+        from .. import _C_cuda  # noqa: F401  (loading it registers torch.ops.cprec_cuda)
 
         return _C_cuda
     except ImportError as err:  # absent, or built against another torch (ABI mismatch)
@@ -77,19 +79,17 @@ def _load_extension():
 
 _extension = _load_extension()
 _ops = torch.ops.cprec_cuda
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# Table dtypes this backend runs; the backend table refuses others before a call.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in _FLOATS:
+    # For direct calls that bypass the backend table.
+    if dtype not in DTYPES:
         raise RuntimeError(
             f"the cuda backend runs float32, bfloat16 and float16 tables, got {dtype} "
             "(use backend='torch' or 'triton' for float64)"
         )
-
-
-def _none_to_empty(ts: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
-    return [like.new_empty(0) if t is None else t for t in ts]
 
 
 # --------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def blockwise_embedding_forward(
     or None -> [*ids.shape, d] in the tables' dtype. Ids outside [0, V) act as padding."""
     _check_dtype(weights[0].dtype)
     return _ops.blockwise_embedding_forward(
-        ids, list(weights), _none_to_empty(projections, weights[0]), [int(c) for c in cutoffs], padding_idx
+        ids, list(weights), nones_to_empty(projections, weights[0]), [int(c) for c in cutoffs], padding_idx
     )
 
 
@@ -122,6 +122,6 @@ def blockwise_embedding_backward(
     where a projection is None). Deterministic: sort by id, fixed-order fp32 sums."""
     _check_dtype(weights[0].dtype)
     grad_weights, grad_projections = _ops.blockwise_embedding_backward(
-        grad_out, ids, list(weights), _none_to_empty(projections, weights[0]), [int(c) for c in cutoffs], padding_idx
+        grad_out, ids, list(weights), nones_to_empty(projections, weights[0]), [int(c) for c in cutoffs], padding_idx
     )
     return list(grad_weights), [None if p is None else g for g, p in zip(grad_projections, projections)]

@@ -1,0 +1,295 @@
+"""The tail-cluster adaptive softmax (loss, full log-probs, top-k) on every backend that
+runs here (torch, cpu, triton under the interpreter), on the shared harness: values and
+every gradient against the reference and against ``nn.AdaptiveLogSoftmaxWithLoss``
+holding the same tensors, in float64.
+
+Layouts: "wide" (d = 32, cutoffs [70, 90, 130, 160], tails of widths 16, 8, 4: under
+the interpreter the Triton tiles drop to 16 rows x 32 items, so 37 rows span several
+row blocks, head tiles and tail tiles, and widths below tl.dot's 16 are padded) and
+"narrow" (d = 16, cutoffs [7, 20, 45, 60], tail widths 6, 2, 1). Hidden states are
+strided views, scaled up so the softmaxes are peaked and a wrong logit shows.
+"""
+import pytest
+import torch
+
+import cprec_kernels as ck
+from cprec_kernels.adaptive_softmax import ADAPTIVE_LOG_PROB, ADAPTIVE_SOFTMAX_LOSS, ADAPTIVE_TOPK
+from cprec_kernels.nn import AdaptiveSoftmax
+from cprec_kernels.testing import adaptive_module, adaptive_nll_by_module, adaptive_params
+from harness import (
+    DEVICE,
+    as_leaves,
+    assert_all_close,
+    backend_dtype_params,
+    backend_params,
+    check,
+    noncontiguous,
+    value_and_grads,
+)
+
+N = 37
+LAYOUTS = {"wide": (32, [70, 90, 130, 160], 2.0), "narrow": (16, [7, 20, 45, 60], 2.5)}
+
+
+def make_params(layout, dtype, head_bias=True):
+    """(head_weight, head_bias, tail_projections, tail_weights, cutoffs) of an
+    nn.AdaptiveLogSoftmaxWithLoss's initialisation."""
+    d, cutoffs, div = LAYOUTS[layout]
+    module = torch.nn.AdaptiveLogSoftmaxWithLoss(d, cutoffs[-1], cutoffs[:-1], div_value=div, head_bias=head_bias)
+    hw, hb, tp, tw = adaptive_params(module.to(DEVICE, dtype))
+    return hw.detach(), None if hb is None else hb.detach(), [p.detach() for p in tp], [w.detach() for w in tw], cutoffs
+
+
+def make_hidden(n, d, dtype):
+    return noncontiguous((3 * torch.randn(n, d, device=DEVICE)).to(dtype))
+
+
+def boundary_targets(cutoffs, n=N, ignore=(2, 11)):
+    """Targets on both sides of every cluster edge, then random; rows ``ignore`` are -100."""
+    edges = sorted({0, cutoffs[-1] - 1} | {c + o for c in cutoffs[:-1] for o in (-1, 0)})
+    target = torch.cat([torch.tensor(edges), torch.randint(0, cutoffs[-1], (n,))])[:n]
+    target[list(ignore)] = -100
+    return target.to(DEVICE)
+
+
+def inputs_of(hidden, params):
+    hw, hb, tp, tw, cutoffs = params
+    return dict(hidden=hidden, head_weight=hw, head_bias=hb, tail_projections=tp, tail_weights=tw, cutoffs=cutoffs)
+
+
+def loss_op(hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index=-100,
+            reduction="mean", backend="torch"):
+    return ck.adaptive_softmax_loss(hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs,
+                                    ignore_index, reduction, backend=backend)
+
+
+def log_prob_op(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, backend="torch"):
+    return ck.adaptive_log_prob(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs,
+                                backend=backend)
+
+
+def log_prob_oracle(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs):
+    return adaptive_module(head_weight, head_bias, tail_projections, tail_weights, cutoffs).log_prob(hidden)
+
+
+def topk_values_op(k, exclude=None):
+    def op(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, backend="torch"):
+        return ck.adaptive_topk(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude,
+                                backend=backend)[0]
+
+    return op
+
+
+def topk_oracle(k, exclude=None):
+    def oracle(**inputs):
+        log_probs = log_prob_oracle(**inputs)
+        if exclude is not None:
+            log_probs = ck.mask_excluded(log_probs, exclude)
+        return torch.topk(log_probs, k, dim=1).values
+
+    return oracle
+
+
+def check_topk(values, ids, log_probs, k, exclude=None, tol=(1e-4, 1e-5)):
+    """Best first, k distinct ids whose log-probs are the given values and equal the
+    k best of ``log_probs`` (ties aside), none of them excluded."""
+    want = ck.mask_excluded(log_probs, exclude) if exclude is not None else log_probs
+    rtol, atol = tol
+    assert ids.dtype == torch.int64 and ids.shape == (log_probs.shape[0], k)
+    torch.testing.assert_close(values, torch.topk(want, k, dim=1).values, rtol=rtol, atol=atol)
+    torch.testing.assert_close(log_probs.gather(1, ids), values, rtol=rtol, atol=atol)
+    assert (values.diff(dim=1) <= 0).all()
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+    if exclude is not None:
+        assert not (ids.unsqueeze(2) == exclude.unsqueeze(1)).any()
+
+
+# --------------------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("head_bias", [True, False], ids=["bias", "no-bias"])
+def test_loss(backend, dtype, layout, reduction, head_bias):
+    params = make_params(layout, dtype, head_bias)
+    inputs = inputs_of(make_hidden(N, LAYOUTS[layout][0], dtype), params)
+    inputs.update(target=boundary_targets(params[-1]), reduction=reduction)
+    got = check(loss_op, inputs, backend, dtype, adaptive_nll_by_module)
+    if reduction == "none":
+        assert (got[0][inputs["target"] == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS))
+def test_loss_int32_targets_and_an_empty_tail(backend):
+    # Tail 1 ([90, 130)) has no row; every other cluster edge is hit from both sides.
+    params = make_params("wide", torch.float32, head_bias=False)
+    target = torch.tensor([0, 1, 69, 70, 71, 89, 130, 131, 158, 159] * 4, dtype=torch.int32, device=DEVICE)[:N]
+    inputs = inputs_of(make_hidden(N, 32, torch.float32), params)
+    inputs.update(target=target, reduction="none")
+    got = check(loss_op, inputs, backend, torch.float32, adaptive_nll_by_module)
+    assert (got[-2] == 0).all() and (got[-5] == 0).all()  # tail 1's weight and projection
+    assert (got[-1] != 0).any() and (got[-4] != 0).any()
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS))
+def test_loss_all_rows_ignored_is_zero_with_zero_grads(backend):
+    params = make_params("narrow", torch.float32)
+    for reduction in ("mean", "sum", "none"):
+        inputs = inputs_of(make_hidden(N, 16, torch.float32), params)
+        inputs.update(target=torch.full((N,), 7, device=DEVICE), ignore_index=7, reduction=reduction)
+        got = check(loss_op, inputs, backend, torch.float32, adaptive_nll_by_module)
+        assert all((g == 0).all() for g in got if g is not None)
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu", "triton", "cuda"]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_loss_half_precision_is_near_reference(backend, dtype):
+    params = make_params("wide", dtype)
+    inputs = inputs_of(make_hidden(N, 32, dtype), params)
+    inputs.update(target=boundary_targets(params[-1]), reduction="sum")
+    got = value_and_grads(lambda **t: loss_op(**t, backend=backend), as_leaves(inputs))
+    want = value_and_grads(lambda **t: loss_op(**t, backend="torch"), as_leaves(inputs))
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1:] if g is not None)
+    # Dot operands are rounded to the half dtype (as a half nn.Linear does); the reference is fp32.
+    assert_all_close(got[:1], want[:1], dtype, "loss", tol=(2e-2, 0.5))
+    assert_all_close(got[1:], want[1:], dtype, "grads", tol=(0.0, 5e-2), scaled=True)
+
+
+def test_triton_refuses_float64_by_name():
+    if ADAPTIVE_SOFTMAX_LOSS.unavailable("triton", DEVICE) is not None:
+        pytest.skip(ADAPTIVE_SOFTMAX_LOSS.unavailable("triton", DEVICE))
+    hw, hb, tp, tw, cutoffs = make_params("wide", torch.float64)
+    hidden = make_hidden(N, 32, torch.float64)
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available.*not torch.float64"):
+        ck.adaptive_softmax_loss(hidden, boundary_targets(cutoffs), hw, hb, tp, tw, cutoffs, backend="triton")
+    with pytest.raises(RuntimeError, match="not torch.float64"):
+        ck.adaptive_topk(hidden, hw, hb, tp, tw, cutoffs, 3, backend="triton")
+    # auto leaves float64 to a backend that runs it
+    ck.adaptive_softmax_loss(hidden, boundary_targets(cutoffs), hw, hb, tp, tw, cutoffs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist on CUDA")
+def test_triton_loss_never_syncs_with_the_host():
+    kernels = ADAPTIVE_SOFTMAX_LOSS.kernels("triton")
+    hw, hb, tp, tw, cutoffs = make_params("wide", torch.float32)
+    args = (make_hidden(N, 32, torch.float32).detach().contiguous(), boundary_targets(cutoffs), hw, hb, tp, tw,
+            cutoffs, -100)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kernels.forward(*args, "mean")
+        kernels.backward(torch.ones((), device=DEVICE), *args, "mean")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# --------------------------------------------------------------------------------------
+# log-probs and top-k
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_LOG_PROB))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_log_prob(backend, dtype, layout):
+    params = make_params(layout, dtype)
+    got = check(log_prob_op, inputs_of(make_hidden(N, LAYOUTS[layout][0], dtype), params), backend, dtype,
+                log_prob_oracle)
+    torch.testing.assert_close(got[0].exp().sum(dim=1), torch.ones(N, dtype=got[0].dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_TOPK))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("k", [1, 10, 60])
+@pytest.mark.parametrize("with_exclude", [False, True], ids=["all", "exclude"])
+def test_topk(backend, dtype, layout, k, with_exclude):
+    if backend == "triton" and k == 60:
+        k = 20  # the interpreter's cost grows with next_pow2(k); k = V runs on the other backends
+    params = make_params(layout, dtype, head_bias=k == 1)
+    hidden = make_hidden(N, LAYOUTS[layout][0], dtype)
+    exclude = None
+    if with_exclude and k > params[-1][-1] - 7:
+        pytest.skip("excluding 7 ids leaves fewer than k")
+    if with_exclude:
+        # Each row's best items, random ids (repeats allowed) and -1 padding.
+        best = ck.adaptive_log_prob(hidden, *params, backend="torch").topk(4, dim=1).indices
+        exclude = torch.cat([best, torch.randint(-1, params[-1][-1], (N, 3), device=DEVICE)], dim=1)
+        exclude[::3, 2:4] = -1
+    inputs = inputs_of(hidden, params)
+    check(topk_values_op(k, exclude), inputs, backend, dtype, topk_oracle(k, exclude))
+    values, ids = ck.adaptive_topk(hidden, *params, k, exclude, backend=backend)
+    log_probs = ck.adaptive_log_prob(hidden, *params, backend="torch")
+    check_topk(values, ids, log_probs.to(values.dtype), k, exclude)
+    if backend == "cpu":  # the same order of summation as the reference: the same ids
+        assert torch.equal(ids, ck.adaptive_topk(hidden, *params, k, exclude, backend="torch")[1])
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_TOPK))
+def test_head_only_layout(backend):
+    # cutoffs = [V]: no tails (nn.AdaptiveLogSoftmaxWithLoss cannot express it).
+    layer = AdaptiveSoftmax(32, [160], head_bias=True).to(DEVICE)
+    params = (layer.head_weight.detach(), layer.head_bias.detach(), [], [], [160])
+    inputs = inputs_of(make_hidden(N, 32, torch.float32), params)
+    loss_inputs = dict(inputs, target=boundary_targets([160]), reduction="mean")
+    check(loss_op, loss_inputs, backend, torch.float32)
+    log_probs = check(log_prob_op, inputs, backend, torch.float32)[0]
+    want = torch.log_softmax(inputs["hidden"] @ params[0].t() + params[1], dim=1)
+    torch.testing.assert_close(log_probs, want, rtol=1e-4, atol=1e-5)
+    values, ids = ck.adaptive_topk(inputs["hidden"], *params, k=3, backend=backend)
+    check_topk(values, ids, want, 3)
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_TOPK, ["torch", "cpu"]))
+def test_topk_streams_a_large_vocabulary(backend):
+    # V = 200k items in tiles; two rows, the inference case. A wrong tile offset or an
+    # unmerged tail shows up as a different id.
+    torch.manual_seed(3)
+    d, cutoffs = 32, [2000, 10000, 50000, 200000]
+    dims = [d // 4 ** (i + 1) or 1 for i in range(3)]
+    hw = torch.randn(cutoffs[0] + 3, d) / d**0.5
+    tp = [torch.randn(di, d) / d**0.5 for di in dims]
+    tw = [torch.randn(hi - lo, di) for lo, hi, di in zip(cutoffs, cutoffs[1:], dims)]
+    hidden = torch.randn(d, 2).t()
+    got = ck.adaptive_topk(hidden, hw, None, tp, tw, cutoffs, 10, backend=backend)
+    want = torch.topk(log_prob_oracle(hidden.double(), hw.double(), None, [p.double() for p in tp],
+                                      [w.double() for w in tw], cutoffs), 10, dim=1)
+    torch.testing.assert_close(got[0].double(), want.values, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1], want.indices)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS, ["torch", "cpu"]))
+def test_gradcheck(backend, dtype):
+    if dtype != torch.float64:
+        pytest.skip("gradcheck runs in float64")
+    hw, hb, tp, tw, cutoffs = make_params("narrow", dtype)
+    hidden = torch.randn(5, 16, dtype=dtype, device=DEVICE)
+    target = torch.tensor([0, 19, 44, -100, 2], device=DEVICE)
+    params = tuple(t.requires_grad_() for t in (hidden, hw, hb, *tp, *tw))
+
+    def unpack(h, hw, hb, *rest):
+        return h, hw, hb, list(rest[:3]), list(rest[3:])
+
+    def loss(*a):
+        h, hw, hb, tp, tw = unpack(*a)
+        return ck.adaptive_softmax_loss(h, target, hw, hb, tp, tw, cutoffs, reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(loss, params)
+    assert torch.autograd.gradcheck(lambda *a: ck.adaptive_log_prob(*unpack(*a), cutoffs, backend=backend), params)
+    assert torch.autograd.gradcheck(lambda *a: ck.adaptive_topk(*unpack(*a), cutoffs, 3, backend=backend)[0], params)
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS))
+def test_opcheck(backend):
+    hw, hb, tp, tw, cutoffs = make_params("narrow", torch.float32)
+    for p in (hw, hb, *tp, *tw):
+        p.requires_grad_()
+    h = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    t = torch.tensor([0, 19, 44, 59, 2, -100], device=DEVICE)
+    ops = torch.ops.cprec
+    for reduction in ("mean", "sum", "none"):
+        torch.library.opcheck(ops.adaptive_softmax_loss.default, (h, t, hw, hb, tp, tw, cutoffs, -100, reduction,
+                                                                  backend))
+    torch.library.opcheck(ops.adaptive_log_prob.default, (h, hw, None, tp, tw, cutoffs, backend))
+    ex = torch.tensor([[0, -1]] * 6, device=DEVICE)
+    # top-k's ids are not differentiable: leave out the tests that differentiate every output.
+    torch.library.opcheck(ops.adaptive_topk.default, (h, hw, hb, tp, tw, cutoffs, 3, ex, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(ops.adaptive_topk.default, (h.detach(), hw.detach(), None, [p.detach() for p in tp],
+                                                      [w.detach() for w in tw], cutoffs, 5, None, backend))
