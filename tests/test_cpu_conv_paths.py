@@ -1,9 +1,9 @@
 """The cpu backend's conv backward paths (csrc/cpu/conv.cpp, "Backward") against the
 eager reference and the padded ``F.conv1d`` + modules oracle.
 
-The fused backward takes Winograd (K = 3, C_in and C_out >= 32, B*T >= 64,
-2*dilation < T, tiles of 4 overshooting T by at most 12.5%) or the im2col path
-(everything else); the plain conv backward always takes im2col. The cases below sit on
+Both backwards take Winograd (F(4,3) for z and grad_x, F(3,2) for grad_W; K = 3,
+C_in and C_out >= 32, B*T >= 64, 2*dilation < T, tiles of 4 overshooting T by at most
+a third) or the im2col path (everything else). The cases below sit on
 both sides of each of those thresholds, with dilated taps whose shift is inside T,
 odd widths (row tails past the 8-lane loops), B = 1 and T = 1. Tolerances: float64
 1e-9, float32 1e-4 relative / 1e-5 absolute, as in test_cpu_backend.py.
@@ -25,13 +25,13 @@ from cprec_kernels import cpu, reference  # noqa: E402  (needs the extension)
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
-# (B, T, C_in, C_out, K, dilation) -> the fused backward's path.
+# (B, T, C_in, C_out, K, dilation) -> the backward's path.
 WINOGRAD = [
     (3, 37, 48, 40, 3, 1),  # partial last tiles
     (2, 45, 40, 36, 3, 3),  # dilation not dividing T; shifts 3 and 6 inside T
-    (3, 37, 48, 40, 3, 5),  # 120 tile rows for 111: just under the padding limit
+    (3, 37, 48, 40, 3, 5),  # 120 tile rows for 111: just under the padding limit (124)
     (1, 64, 33, 35, 3, 1),  # B*T = 64, the smallest Winograd batch; odd widths
-    (2, 40, 32, 32, 3, 7),  # C = 32, the narrowest Winograd width
+    (2, 40, 32, 32, 3, 2),  # C = 32, the narrowest Winograd width
 ]
 IM2COL = [
     (3, 37, 48, 40, 3, 4),  # 144 tile rows for 111: over the padding limit
@@ -39,7 +39,7 @@ IM2COL = [
     (2, 40, 31, 40, 3, 1),  # C_in = 31
     (2, 40, 40, 31, 3, 1),  # C_out = 31
     (2, 20, 40, 40, 3, 10),  # 2*dilation = T: the oldest tap only reaches past T
-    (2, 20, 40, 40, 3, 7),  # 2*dilation >= T with the shift 7 inside T
+    (2, 20, 40, 40, 3, 7),  # one tile per phase: 56 tile rows for 40; shift 7 inside T
     (3, 37, 48, 40, 4, 3),  # K = 4
     (1, 7, 36, 64, 4, 1),  # B*T < C_out (the forward's im2col path too)
     (2, 9, 5, 3, 2, 50),  # every shifted tap past T

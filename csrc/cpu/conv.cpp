@@ -85,6 +85,27 @@ T row_sq_dev(const T* z, T m, int64_t n) {
   return s;
 }
 
+// Pass 1 of the LayerNorm + ReLU backward (see ln_relu_grad_row) on columns [i, C):
+// o = relu'(h) * grad * g, z becomes zhat, pw += relu'(h) grad zhat, pb += relu'(h) grad;
+// adds sum o and sum o * zhat to s1, s2.
+template <typename T>
+void ln_relu_grad_pass1_cols(T* o, T* z, const T* grad, T m, T rs, const T* g, const T* b, T* pw, T* pb, int64_t i,
+                             int64_t C, T& s1, T& s2) {
+  for (; i < C; ++i) {
+    const T zh = (z[i] - m) * rs;
+    T h = g ? zh * g[i] : zh;
+    if (b) h += b[i];
+    const T gr = h > T(0) ? grad[i] : T(0);
+    pw[i] += gr * zh;
+    pb[i] += gr;
+    const T gw = g ? gr * g[i] : gr;
+    s1 += gw;
+    s2 += gw * zh;
+    z[i] = zh;
+    o[i] = gw;
+  }
+}
+
 // ---- float32 row kernels for AVX2 + FMA machines ------------------------------------
 // The extension is built for baseline x86-64 (no -march), where at::vec::Vectorized
 // falls back to its generic code; the fused forward's row loops (input transform,
@@ -158,8 +179,7 @@ __attribute__((target("avx2,fma"))) void ln_relu_out(float* o, const float* z, f
   }
 }
 
-// Pass 1 of ln_relu_grad_row: o = relu'(h) * grad * g, z becomes zhat, the per-thread
-// column sums pw += relu'(h) grad zhat, pb += relu'(h) grad; -> (sum o, sum o * zhat).
+// ln_relu_grad_pass1_cols on all columns, 8 at a time; -> (sum o, sum o * zhat).
 __attribute__((target("avx2,fma"))) std::pair<float, float> ln_relu_grad_pass1(
     float* o, float* z, const float* grad, float m, float rs, const float* g, const float* b, float* pw, float* pb,
     int64_t C) {
@@ -180,19 +200,7 @@ __attribute__((target("avx2,fma"))) std::pair<float, float> ln_relu_grad_pass1(
     _mm256_storeu_ps(o + i, gw);
   }
   float s1 = hsum(sg), s2 = hsum(sgz);
-  for (; i < C; ++i) {
-    const float zh = (z[i] - m) * rs;
-    float h = g ? zh * g[i] : zh;
-    if (b) h += b[i];
-    const float gr = h > 0.f ? grad[i] : 0.f;
-    pw[i] += gr * zh;
-    pb[i] += gr;
-    const float gw = g ? gr * g[i] : gr;
-    s1 += gw;
-    s2 += gw * zh;
-    z[i] = zh;
-    o[i] = gw;
-  }
+  ln_relu_grad_pass1_cols(o, z, grad, m, rs, g, b, pw, pb, i, C, s1, s2);
   return {s1, s2};
 }
 
@@ -304,19 +312,7 @@ void ln_relu_grad_row(T* o, T* z, const T* grad, T m, T rs, const T* g, const T*
   }
 #endif
   // Pass 1: relu'(h) * grad * ln_w and the two row means LN's backward needs.
-  for (int64_t i = 0; i < C; ++i) {
-    const T zh = (z[i] - m) * rs;
-    T h = g ? zh * g[i] : zh;
-    if (b) h += b[i];
-    const T gr = h > T(0) ? grad[i] : T(0);
-    pw[i] += gr * zh;
-    pb[i] += gr;
-    const T gw = g ? gr * g[i] : gr;
-    sum_g += gw;
-    sum_gz += gw * zh;
-    z[i] = zh;
-    o[i] = gw;
-  }
+  ln_relu_grad_pass1_cols(o, z, grad, m, rs, g, b, pw, pb, 0, C, sum_g, sum_gz);
   // Pass 2: project out the mean and the zhat direction.
   const T mg = sum_g / T(C), mgz = sum_gz / T(C);
   for (int64_t i = 0; i < C; ++i) {
@@ -365,21 +361,22 @@ constexpr double kWinoAT[kWinoM][kWinoA] = {
 struct WinoTiles {
   int64_t B, T, dil, nq;
   bool reversed;
+  int64_t m;  // outputs per tile
   int64_t count() const { return B * dil * nq; }
-  static WinoTiles of(int64_t B, int64_t T, int64_t dil, bool reversed = false) {
+  static WinoTiles of(int64_t B, int64_t T, int64_t dil, bool reversed = false, int64_t m = kWinoM) {
     const int64_t longest = (T + dil - 1) / dil;  // phase 0 is the longest
-    return {B, T, dil, (longest + kWinoM - 1) / kWinoM, reversed};
+    return {B, T, dil, (longest + m - 1) / m, reversed, m};
   }
   void start(int64_t tile, int64_t& b, int64_t& t0) const {
     const int64_t q = tile % nq, p = (tile / nq) % dil;
     b = tile / (nq * dil);
-    t0 = p + q * kWinoM * dil;
+    t0 = p + q * m * dil;
   }
   int64_t row(int64_t b, int64_t t) const { return b * T + (reversed ? T - 1 - t : t); }
 };
 
-// The Winograd pays off on GEMM-bound sizes only, and only when the tiles do not
-// overshoot T by much (dilations close to T leave half-empty tiles); else the direct path.
+// Winograd pays off on GEMM-bound sizes only, and only when the tiles do not overshoot
+// T by much (dilations close to T leave half-empty tiles); else the direct path.
 bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
   if (K != 3 || 2 * dil >= T || C_in < 32 || C_out < 32 || B * T < 64) return false;
   const auto tiles = WinoTiles::of(B, T, dil);
@@ -409,11 +406,11 @@ at::Tensor wino_weights(const at::Tensor& taps) {
   return at::mm(G, taps.reshape({3, -1})).view({kWinoA, taps.size(1), taps.size(2)});
 }
 
-// dst_i = sum_l mat[i][l] * src_l for each i < a (src_l null: a zero row), row i of the
+// dst_i = sum_l mat[i][l] * src_l for each i < A (src_l null: a zero row), row i of the
 // tile at dst + i * plane; C channels.
-template <typename T, int L>
-void transform_tile(const T* const (&src)[L], const double (&mat)[kWinoA][L], int64_t C, T* dst, int64_t plane) {
-  for (int i = 0; i < kWinoA; ++i) {
+template <typename T, int A, int L>
+void transform_tile(const T* const (&src)[L], const double (&mat)[A][L], int64_t C, T* dst, int64_t plane) {
+  for (int i = 0; i < A; ++i) {
     T coef[L];
     const T* terms[L];
     int64_t n = 0;
@@ -438,7 +435,7 @@ void wino_input_transform(const T* x, int64_t C, const WinoTiles& w, int64_t t_b
       const int64_t t = t0 + (l - 2) * w.dil;
       d[l] = (t >= 0 && t < w.T) ? x + w.row(b, t) * C : nullptr;  // zero padding / past T
     }
-    transform_tile<T, kWinoA>(d, kWinoBT, C, U + (tile - t_begin) * C, stride * C);
+    transform_tile<T, kWinoA, kWinoA>(d, kWinoBT, C, U + (tile - t_begin) * C, stride * C);
   }
 }
 
@@ -525,26 +522,23 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 //   grad_x[t] = sum_k gz[t + s_k] @ W_k        (anti-causal: a causal conv in reversed time)
 //   grad_W_k  = sum_t gz[t]^T x[t - s_k]       (a correlation, C_out x C_in per tap)
 //   grad_bias = sum_t gz[t]                    (column sums in the gz row pass)
-// The weight gradient is always ONE GEMM over an im2col of x: grad_W = gz^T @ cols
-// ([C_out, N] x [N, C_in*K], cols [N, C_in*K]), which lands in W's own layout. Its
-// Winograd form (F(3,4), the transpose of the forward's F(4,3): P_i = sum over tiles of
-// (A gz)_i^T (BT x)_i, grad_W_k = sum_i G[i][k] P_i, half the FLOPs) was built and
-// measured: its float32 error on grad_W, a sum over all N rows, was max 1.7e-4 against
-// 6.2e-5 for the direct sum at B = 16, T = 50, C = 256 and broke the float32 test
-// tolerance (1e-5 absolute) on small entries at C = 40, so it was dropped.
-// The other two products, picked as the forward picks (use_winograd, both ways round):
+// Both ops pick, as the forward picks (use_winograd, both ways round):
 // * Winograd, K = 3: pass A recomputes z tile by tile as the forward does and runs the
 //   LN/ReLU backward on each output row as soon as the epilogue has assembled it (gz
 //   rows written once, bias/LN column sums in the same pass). Pass B is the forward's
 //   Winograd on gz in reversed time with the taps W_k ([C_out, C_in]): grad_x in place
-//   of z, no LayerNorm. Each has half the direct FLOPs.
+//   of z, no LayerNorm. Each has half the direct FLOPs. grad_W: F(3,2) (see
+//   "Weight gradient by Winograd F(3,2)"), 2/3 of the direct FLOPs. The plain op runs
+//   pass B and F(3,2) on the gz it is given.
 //   float32 error against the float64 direct sum, measured at B = 16, T = 50, C = 256,
 //   dilation 1 on random data (the float32 direct sum of the eager reference in
 //   brackets): grad_x max |err| 4.8e-6, rms 3e-7 (7.6e-7, 1e-7; entries up to 2.4);
-//   grad_bias, through the recomputed z, max 2.6e-5, rms 5e-6 (1.5e-5, 2e-6; entries up to 96).
-// * im2col, any K and any N (few rows, K != 3, or dilations close to T): ONE GEMM per
-//   product, all against the weight in its own layout Wf = W.view(C_out, C_in*K):
-//   z = cols @ Wf^T, grad_cols = gz @ Wf ([N, C_out] x [C_out, C_in*K]) and grad_x the
+//   grad_W (F(3,2)) max 5.7e-5, rms 4e-6 (6.2e-5, 4e-6; entries up to 180); grad_bias,
+//   through the recomputed z, max 2.6e-5, rms 5e-6 (1.5e-5, 2e-6; entries up to 96).
+// * im2col, any K and any N (few rows, K != 3, or dilations close to T): cols [N, C_in*K]
+//   of x and ONE GEMM per product, all against the weight in its own layout
+//   Wf = W.view(C_out, C_in*K): z = cols @ Wf^T, grad_W = gz^T @ cols ([C_out, N] x
+//   [N, C_in*K]), grad_cols = gz @ Wf ([N, C_out] x [C_out, C_in*K]) and grad_x the
 //   K shifted slices of grad_cols summed (col2im).
 
 // Per-thread column sums of the backward row pass, [threads, C] each, summed at the end
@@ -612,6 +606,66 @@ at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& weight, int64_t B
   return gx;
 }
 
+// ---- Weight gradient by Winograd F(3,2) ---------------------------------------------
+// The transpose of F(2,3) (y = AT2 [(G2 g) . (BT2 d)], tiles of m = 2 outputs, a = 4):
+// per tile of outputs t0, t0 + dil and inputs d_l = x[t0 + (l-2)*dil] (l < 4),
+// U_i = (BT2 d)_i and Gz_i = sum_j AT2[j][i] gz[t0 + j*dil]; P_i = sum over tiles of
+// Gz_i^T @ U_i ([C_out, C_in], a GEMM per chunk accumulated per thread) and
+// grad_W_k = sum_i G2[i][k] P_i: 4 GEMMs of N/2 rows instead of 3 of N (2/3 of the FLOPs).
+// Its points are 0, +-1 only (F(4,3)'s transpose, with +-2 and 1/24, was tried: 3x the
+// direct sum's float32 error on grad_W, max 1.7e-4 against 6.2e-5, and over the tests'
+// float32 tolerance of 1e-5 on small entries at C = 40). This one: see "Backward".
+constexpr int kWino2M = 2, kWino2A = 4;
+constexpr double kWino2BT[kWino2A][kWino2A] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+constexpr double kWino2G[kWino2A][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double kWino2A_[kWino2A][kWino2M] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};  // AT2 transposed
+
+// grad_W [C_out, C_in, 3] of a K = 3 conv: x [B, T, C_in], gz [B*T, C_out] (contiguous).
+at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilation) {
+  const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2), C = gz.size(1);
+  const auto w = WinoTiles::of(B, T, dilation, false, kWino2M);
+  const auto plan = WinoChunks::of(w);
+  auto P = at::zeros({at::get_num_threads(), kWino2A, C, C_in}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_grad_weight", [&] {
+    using T_ = scalar_t;
+    const T_ *px = x.const_data_ptr<T_>(), *pg = gz.const_data_ptr<T_>();
+    at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
+      at::AutoDispatchBelowAutograd below_autograd;
+      auto U = at::empty({kWino2A, plan.size, C_in}, x.options());
+      auto Gz = at::empty({kWino2A, plan.size, C}, x.options());
+      auto Pt = P[at::get_thread_num()];
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t t_begin = c * plan.size, t_end = std::min(plan.n_tiles, t_begin + plan.size);
+        for (int64_t tile = t_begin; tile < t_end; ++tile) {
+          int64_t b, t0;
+          w.start(tile, b, t0);
+          const T_* d[kWino2A];
+          for (int l = 0; l < kWino2A; ++l) {
+            const int64_t t = t0 + (l - 2) * dilation;
+            d[l] = (t >= 0 && t < T) ? px + w.row(b, t) * C_in : nullptr;
+          }
+          const T_* o[kWino2M];
+          for (int j = 0; j < kWino2M; ++j) {
+            const int64_t t = t0 + j * dilation;
+            o[j] = t < T ? pg + w.row(b, t) * C : nullptr;  // outputs past T have no grad
+          }
+          transform_tile<T_, kWino2A, kWino2A>(d, kWino2BT, C_in, U.data_ptr<T_>() + (tile - t_begin) * C_in,
+                                                plan.size * C_in);
+          transform_tile<T_, kWino2A, kWino2M>(o, kWino2A_, C, Gz.data_ptr<T_>() + (tile - t_begin) * C,
+                                                plan.size * C);
+        }
+        const int64_t n = t_end - t_begin;
+        for (int i = 0; i < kWino2A; ++i) Pt[i].addmm_(Gz[i].narrow(0, 0, n).t(), U[i].narrow(0, 0, n));
+      }
+    });
+  });
+  double gt[3 * kWino2A];
+  for (int k = 0; k < 3; ++k)
+    for (int i = 0; i < kWino2A; ++i) gt[k * kWino2A + i] = kWino2G[i][k];
+  const auto GT = at::from_blob(gt, {3, kWino2A}, at::kDouble).to(x.scalar_type());
+  return at::mm(GT, P.sum(0).view({kWino2A, C * C_in})).view({3, C, C_in}).permute({1, 2, 0}).contiguous();
+}
+
 }  // namespace
 
 at::Tensor causal_conv1d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -631,6 +685,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::
   const auto xc = x.contiguous(), wc = weight.contiguous();
   const auto gz = grad_y.to(x.scalar_type()).reshape({B * T, C}).contiguous();
   auto grad_b = present(bias) ? gz.sum(0) : absent(x);
+  if (use_winograd(B, T, x.size(2), C, K, dilation) && use_winograd(B, T, C, x.size(2), K, dilation))
+    return {wino_grad_x(gz, wc, B, T, dilation), wino_grad_w(gz, xc, dilation), grad_b};
   auto [grad_x, grad_w] = im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
   return {grad_x, grad_w, grad_b};
 }
@@ -722,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
       rows.gz = gz.data_ptr<T_>();
       wino_conv<T_>(xc.const_data_ptr<T_>(), wino_weights(weight.permute({2, 1, 0})), C_in, C,
                     WinoTiles::of(B, T, dilation), rows);
-      grad_w = at::mm(gz.t(), im2col(xc, K, dilation)).view({C, C_in, K});
+      grad_w = wino_grad_w(gz, xc, dilation);
       grad_x = wino_grad_x(gz, wc, B, T, dilation);
     } else {
       const auto cols = im2col(xc, K, dilation);
