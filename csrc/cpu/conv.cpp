@@ -376,11 +376,24 @@ struct WinoTiles {
 };
 
 // Winograd pays off on GEMM-bound sizes only, and only when the tiles do not overshoot
-// T by much (dilations close to T leave half-empty tiles); else the direct path.
-bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
+// T by much (dilations close to T leave half-empty tiles); else the direct path. The
+// tiles may pad B*T rows by B*T / pad_div.
+bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil, int64_t pad_div = 8) {
   if (K != 3 || 2 * dil >= T || C_in < 32 || C_out < 32 || B * T < 64) return false;
   const auto tiles = WinoTiles::of(B, T, dil);
-  return tiles.count() * kWinoM <= B * T + B * T / 8;  // at most 12.5% padding
+  return tiles.count() * kWinoM <= B * T + B * T / pad_div;
+}
+
+// The backwards' choice (both ways round: z and grad_x are convs C_in -> C_out and back)
+// allows a third of padding: there a padded tile still costs 0.5 * 4/3 = 0.67 of a
+// direct GEMM against the im2col path's 3 GEMMs + im2col/col2im; measured at d = 256,
+// T = 50 / 100, dilation 4 / 8 (23-28% padding; one thread, CPU time on a loaded
+// machine): fused backward 7.9 vs 11.6 ms and 28 vs 45 ms. The forward keeps 12.5%:
+// its float32 results differ in the last bit between 1 and 2 threads on the Winograd
+// path (the chunk GEMMs run inside or outside the parallel region), and its
+// thread-count test covers a case with 20% padding on the direct path.
+bool use_winograd_backward(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
+  return use_winograd(B, T, C_in, C_out, K, dil, 3) && use_winograd(B, T, C_out, C_in, K, dil, 3);
 }
 
 // Few rows: the im2col path (see "Fused forward").
@@ -522,7 +535,7 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 //   grad_x[t] = sum_k gz[t + s_k] @ W_k        (anti-causal: a causal conv in reversed time)
 //   grad_W_k  = sum_t gz[t]^T x[t - s_k]       (a correlation, C_out x C_in per tap)
 //   grad_bias = sum_t gz[t]                    (column sums in the gz row pass)
-// Both ops pick, as the forward picks (use_winograd, both ways round):
+// Both ops pick by size as the forward does (use_winograd_backward):
 // * Winograd, K = 3: pass A recomputes z tile by tile as the forward does and runs the
 //   LN/ReLU backward on each output row as soon as the epilogue has assembled it (gz
 //   rows written once, bias/LN column sums in the same pass). Pass B is the forward's
@@ -685,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::
   const auto xc = x.contiguous(), wc = weight.contiguous();
   const auto gz = grad_y.to(x.scalar_type()).reshape({B * T, C}).contiguous();
   auto grad_b = present(bias) ? gz.sum(0) : absent(x);
-  if (use_winograd(B, T, x.size(2), C, K, dilation) && use_winograd(B, T, C, x.size(2), K, dilation))
+  if (use_winograd_backward(B, T, x.size(2), C, K, dilation))
     return {wino_grad_x(gz, wc, B, T, dilation), wino_grad_w(gz, xc, dilation), grad_b};
   auto [grad_x, grad_w] = im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
   return {grad_x, grad_w, grad_b};
@@ -765,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
   const auto grad = grad_out.to(x.scalar_type()).contiguous();
   const auto m = mean.to(x.scalar_type()).contiguous(), rs = rstd.to(x.scalar_type()).contiguous();
   ColumnSums sums(C, bc.defined(), x.options());
-  const bool wino = use_winograd(B, T, C_in, C, K, dilation) && use_winograd(B, T, C, C_in, K, dilation);
+  const bool wino = use_winograd_backward(B, T, C_in, C, K, dilation);
   at::Tensor gz, grad_x, grad_w;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_ln_relu_backward", [&] {
     using T_ = scalar_t;
