@@ -386,12 +386,12 @@ bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, 
 
 // The backwards' choice (both ways round: z and grad_x are convs C_in -> C_out and back)
 // allows a third of padding: there a padded tile still costs 0.5 * 4/3 = 0.67 of a
-// direct GEMM against the im2col path's 3 GEMMs + im2col/col2im; measured at d = 256,
-// T = 50 / 100, dilation 4 / 8 (23-28% padding; one thread, CPU time on a loaded
-// machine): fused backward 7.9 vs 11.6 ms and 28 vs 45 ms. The forward keeps 12.5%:
-// its float32 results differ in the last bit between 1 and 2 threads on the Winograd
-// path (the chunk GEMMs run inside or outside the parallel region), and its
-// thread-count test covers a case with 20% padding on the direct path.
+// direct GEMM against the im2col path's 3 GEMMs + im2col/col2im. Measured at d = 256
+// (one thread, CPU time on a loaded machine), the fused backward at T = 50, dilation 4
+// (23% padding): 9.5 vs 11.6-12.1 ms; at T = 100, dilation 8 (28%): 34 vs 44-49 ms.
+// The forward keeps 12.5%: on its Winograd path float32 results differ in the last bit
+// between 1 and 2 threads (1, 3 and 4 agree; seen before this change too, cause not
+// found), and its thread-count test runs a case with 20% padding on the direct path.
 bool use_winograd_backward(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
   return use_winograd(B, T, C_in, C_out, K, dil, 3) && use_winograd(B, T, C_out, C_in, K, dil, 3);
 }
