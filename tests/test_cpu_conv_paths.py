@@ -3,7 +3,7 @@ eager reference and the padded ``F.conv1d`` + modules oracle.
 
 Both backwards take Winograd (F(4,3) for z and grad_x, F(3,2) for grad_W; K = 3,
 C_in and C_out >= 32, B*T >= 64, 2*dilation < T, tiles of 4 overshooting T by at most
-a third, where the forward allows 12.5%) or the im2col path (everything else). The cases below sit on
+a third, as the forward does) or the im2col path (everything else). The cases below sit on
 both sides of each of those thresholds, with dilated taps whose shift is inside T,
 odd widths (row tails past the 8-lane loops), B = 1 and T = 1. Tolerances: float64
 1e-9, float32 1e-4 relative / 1e-5 absolute, as in test_cpu_backend.py.
@@ -29,8 +29,8 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4,
 WINOGRAD = [
     (3, 37, 48, 40, 3, 1),  # partial last tiles
     (2, 45, 40, 36, 3, 3),  # dilation not dividing T; shifts 3 and 6 inside T
-    (3, 37, 48, 40, 3, 5),  # 120 tile rows for 111: under the forward's padding limit (124)
-    (3, 37, 48, 40, 3, 4),  # 144 tile rows for 111: over it, under the backward's (148)
+    (3, 37, 48, 40, 3, 5),  # 120 tile rows for 111
+    (3, 37, 48, 40, 3, 4),  # 144 tile rows for 111: under the padding limit (148)
     (1, 64, 33, 35, 3, 1),  # B*T = 64, the smallest Winograd batch; odd widths
     (2, 40, 32, 32, 3, 2),  # C = 32, the narrowest Winograd width
 ]

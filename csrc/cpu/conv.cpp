@@ -17,12 +17,10 @@
 // Both backwards: see "Backward" below (Winograd for the three products of the fused
 // backward, or three single GEMMs over an im2col of x).
 #include "cpu/common.h"
-#include "cpu/common.h"
 #include "cpu/ops.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
@@ -376,24 +374,22 @@ struct WinoTiles {
 };
 
 // Winograd pays off on GEMM-bound sizes only, and only when the tiles do not overshoot
-// T by much (dilations close to T leave half-empty tiles); else the direct path. The
-// tiles may pad B*T rows by B*T / pad_div.
-bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil, int64_t pad_div = 8) {
+// T by much (dilations close to T leave half-empty tiles); else the direct path (the
+// forward) or im2col (the backwards). The tiles may pad B*T rows by a third: a padded
+// tile still costs 0.5 * 4/3 = 0.67 of a direct GEMM. Measured at d = 256 (CPU time of
+// one thread on a loaded machine, min of 5 runs of 10, interleaved): the fused forward
+// at T = 50, dilation 4 or 8 (28% padding) 2.9-3.0 vs 3.7-3.8 ms direct, at T = 100,
+// dilation 8 (28%) 11.8 vs 16.1 ms; the fused backward at T = 50, dilation 4 (23%) 9.5
+// vs 11.6-12.1 ms im2col, at T = 100, dilation 8 (28%) 34 vs 44-49 ms.
+bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
   if (K != 3 || 2 * dil >= T || C_in < 32 || C_out < 32 || B * T < 64) return false;
   const auto tiles = WinoTiles::of(B, T, dil);
-  return tiles.count() * kWinoM <= B * T + B * T / pad_div;
+  return tiles.count() * kWinoM <= B * T + B * T / 3;
 }
 
-// The backwards' choice (both ways round: z and grad_x are convs C_in -> C_out and back)
-// allows a third of padding: there a padded tile still costs 0.5 * 4/3 = 0.67 of a
-// direct GEMM against the im2col path's 3 GEMMs + im2col/col2im. Measured at d = 256
-// (one thread, CPU time on a loaded machine), the fused backward at T = 50, dilation 4
-// (23% padding): 9.5 vs 11.6-12.1 ms; at T = 100, dilation 8 (28%): 34 vs 44-49 ms.
-// The forward keeps 12.5%: on its Winograd path float32 results differ in the last bit
-// between 1 and 2 threads (1, 3 and 4 agree; seen before this change too, cause not
-// found), and its thread-count test runs a case with 20% padding on the direct path.
+// The backwards' choice: z and grad_x are convs C_in -> C_out and back.
 bool use_winograd_backward(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
-  return use_winograd(B, T, C_in, C_out, K, dil, 3) && use_winograd(B, T, C_out, C_in, K, dil, 3);
+  return use_winograd(B, T, C_in, C_out, K, dil) && use_winograd(B, T, C_out, C_in, K, dil);
 }
 
 // Few rows: the im2col path (see "Fused forward").
@@ -408,15 +404,6 @@ at::Tensor im2col(const at::Tensor& x, int64_t K, int64_t dilation) {
     if (s < T) cols.select(3, k).narrow(1, s, T - s).copy_(x.narrow(1, 0, T - s));
   }
   return cols.view({B * T, C_in * K});
-}
-
-// V [a, rows, cols] = G @ taps: taps [3, rows, cols], the 3 taps of a K = 3 kernel.
-at::Tensor wino_weights(const at::Tensor& taps) {
-  double g[kWinoA * 3];
-  for (int i = 0; i < kWinoA; ++i)
-    for (int k = 0; k < 3; ++k) g[i * 3 + k] = kWinoG[i][k];
-  const auto G = at::from_blob(g, {kWinoA, 3}, at::kDouble).to(taps.scalar_type());
-  return at::mm(G, taps.reshape({3, -1})).view({kWinoA, taps.size(1), taps.size(2)});
 }
 
 // dst_i = sum_l mat[i][l] * src_l for each i < A (src_l null: a zero row), row i of the
@@ -434,6 +421,36 @@ void transform_tile(const T* const (&src)[L], const double (&mat)[A][L], int64_t
       }
     combine_row<T>(dst + i * plane, n, coef, terms, nullptr, C);
   }
+}
+
+// out [A, n] with out_i = sum_l mat[i][l] * planes_l: planes [L, ...] (n elements each).
+// Not an at::mm: MKL's [A, L] x [L, n] product with L = 3 or 4 gave float32 results that
+// changed with the thread count (2 threads differed from 1, 3 and 4 in the last bit).
+// Here each element's sum has one order, and the column blocks (fixed size, so the
+// vector/tail split of every element is fixed) are shared out among threads.
+template <int A, int L>
+at::Tensor combine_planes(const double (&mat)[A][L], const at::Tensor& planes) {
+  constexpr int64_t kBlock = 4096;
+  const auto p = planes.contiguous();
+  const int64_t n = p.numel() / L;
+  auto out = at::empty({A, n}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "combine_planes", [&] {
+    using T_ = scalar_t;
+    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t off = blk * kBlock;
+        const T_* src[L];
+        for (int l = 0; l < L; ++l) src[l] = p.const_data_ptr<T_>() + l * n + off;
+        transform_tile<T_, A, L>(src, mat, std::min(kBlock, n - off), out.data_ptr<T_>() + off, n);
+      }
+    });
+  });
+  return out;
+}
+
+// V [a, rows, cols] = G @ taps: taps [3, rows, cols], the 3 taps of a K = 3 kernel.
+at::Tensor wino_weights(const at::Tensor& taps) {
+  return combine_planes(kWinoG, taps).view({kWinoA, taps.size(1), taps.size(2)});
 }
 
 // U [a, stride, C]: the input transform of tiles [t_begin, t_end) (row tile - t_begin).
@@ -672,11 +689,10 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
       }
     });
   });
-  double gt[3 * kWino2A];
+  double gt[3][kWino2A];
   for (int k = 0; k < 3; ++k)
-    for (int i = 0; i < kWino2A; ++i) gt[k * kWino2A + i] = kWino2G[i][k];
-  const auto GT = at::from_blob(gt, {3, kWino2A}, at::kDouble).to(x.scalar_type());
-  return at::mm(GT, P.sum(0).view({kWino2A, C * C_in})).view({3, C, C_in}).permute({1, 2, 0}).contiguous();
+    for (int i = 0; i < kWino2A; ++i) gt[k][i] = kWino2G[i][k];
+  return combine_planes(gt, P.sum(0)).view({3, C, C_in}).permute({1, 2, 0}).contiguous();
 }
 
 }  // namespace
