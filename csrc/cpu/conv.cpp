@@ -620,9 +620,10 @@ std::tuple<at::Tensor, at::Tensor> im2col_backward(const at::Tensor& gz, const a
 }
 
 // Pass B: grad_x [B, T, C_in] = the anti-causal conv of gz [N, C_out] by Winograd.
-at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& weight, int64_t B, int64_t T, int64_t dilation) {
-  const int64_t C = weight.size(0), C_in = weight.size(1);
-  const auto V = wino_weights(weight.permute({2, 0, 1}));  // taps W_k: [C_out, C_in]
+// V [a, C_out, C_in]: wino_weights of the taps W_k; the fused backward passes the
+// transpose of its pass-A weights (G @ W_k^T per plane), saving a second transform.
+at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& V, int64_t B, int64_t T, int64_t dilation) {
+  const int64_t C = V.size(1), C_in = V.size(2);
   auto gx = at::empty({B, T, C_in}, gz.options());
   const auto tiles = WinoTiles::of(B, T, dilation, /*reversed=*/true);
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "causal_conv1d_backward_grad_x", [&] {
@@ -714,8 +715,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::
   const auto xc = x.contiguous(), wc = weight.contiguous();
   const auto gz = grad_y.to(x.scalar_type()).reshape({B * T, C}).contiguous();
   auto grad_b = present(bias) ? gz.sum(0) : absent(x);
-  if (use_winograd_backward(B, T, x.size(2), C, K, dilation))
-    return {wino_grad_x(gz, wc, B, T, dilation), wino_grad_w(gz, xc, dilation), grad_b};
+  if (use_winograd_backward(B, T, x.size(2), C, K, dilation)) {
+    const auto V = wino_weights(wc.permute({2, 0, 1}));  // taps W_k: [C_out, C_in]
+    return {wino_grad_x(gz, V, B, T, dilation), wino_grad_w(gz, xc, dilation), grad_b};
+  }
   auto [grad_x, grad_w] = im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
   return {grad_x, grad_w, grad_b};
 }
@@ -805,10 +808,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
     if (wino) {
       gz = at::empty({N, C}, x.options());
       rows.gz = gz.data_ptr<T_>();
-      wino_conv<T_>(xc.const_data_ptr<T_>(), wino_weights(weight.permute({2, 1, 0})), C_in, C,
-                    WinoTiles::of(B, T, dilation), rows);
+      const auto V = wino_weights(weight.permute({2, 1, 0}));  // taps W_k^T: [C_in, C_out]
+      wino_conv<T_>(xc.const_data_ptr<T_>(), V, C_in, C, WinoTiles::of(B, T, dilation), rows);
       grad_w = wino_grad_w(gz, xc, dilation);
-      grad_x = wino_grad_x(gz, wc, B, T, dilation);
+      grad_x = wino_grad_x(gz, V.transpose(1, 2), B, T, dilation);
     } else {
       const auto cols = im2col(xc, K, dilation);
       const auto wf = wc.view({C, C_in * K});
