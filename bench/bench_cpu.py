@@ -6,8 +6,10 @@
 
 Rows are grouped per op and size; compare the ``cpu`` row to ``eager``/``compile`` in
 the same group. All tensors are CPU tensors whatever the machine has.
+``CPREC_BENCH_THREADS=N`` sets ``torch.set_num_threads(N)`` first (as in bench_models.py).
 """
 import importlib
+import os
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ except ModuleNotFoundError:
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
 IMPLS = ["cpu", "eager", "compile"]
+if os.environ.get("CPREC_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["CPREC_BENCH_THREADS"]))
 
 
 def _compiled(fn):
@@ -150,6 +154,31 @@ def test_conv_ln_relu_inference(benchmark, impl, batch, t, c):
         return eager(x, w, b, ln_w, ln_b, x, 2)
 
     _bench(benchmark, f"conv+ln+relu fwd B={batch} T={t} C={c}", step)
+
+
+@pytest.mark.parametrize("batch,t,c", sizes([(4, 50, 64)], [(16, 50, 256), (32, 100, 256)]))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv_ln_relu_fwd_bwd(benchmark, impl, batch, t, c):
+    """Training: forward + backward of one conv layer per dilation 1, 2, 4, 8 (one
+    NextItNet block pair each), the grads of x, the weights and the LN parameters."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, t, c, requires_grad=True)
+    layers = [(torch.randn(c, c, 3) / (3 * c) ** 0.5, torch.randn(c), torch.ones(c), torch.zeros(c)) for _ in range(4)]
+    layers = [[p.requires_grad_() for p in layer] for layer in layers]
+    grad = torch.randn(batch, t, c)
+    eager = _compiled(eager_conv_ln_relu) if impl == "compile" else eager_conv_ln_relu
+
+    def step():
+        for (w, b, ln_w, ln_b), dil in zip(layers, (1, 2, 4, 8)):
+            if impl == "cpu":
+                out = ck.causal_conv1d_ln_relu(x, w, b, ln_w, ln_b, dil, 1e-8, residual=x, backend="cpu")
+            else:
+                out = eager(x, w, b, ln_w, ln_b, x, dil)
+            out.backward(grad)
+        for p in [x] + [p for layer in layers for p in layer]:
+            p.grad = None
+
+    _bench(benchmark, f"conv+ln+relu fwd+bwd dilations 1-8 B={batch} T={t} C={c}", step)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@
 // item tiles of ~1 MB (L2-resident) and reduced on the fly (online log-sum-exp), so
 // neither [N, V] nor [n_i, V_i] is ever materialised. The rows are grouped by cluster
 // in one pass over the targets here in C++ (no per-cluster host round trip). Backward
-// recomputes each tile (the op interface saves no activations), turns it into
+// recomputes each tile (the loss ops save no activations; the *_stats_* pair saves the
+// per-row head and tail-cluster log-sum-exps, [N] each, so its backward skips the
+// tails' extra pass of logit GEMMs that recomputing them takes), turns it into
 // w_r * (softmax - onehot) in place and feeds the two GEMMs of the tile
 // (grad_z += G @ F_tile, grad_F_tile = G^T @ z) while it is still in cache.
 // Top-k: the same tiles for every row, each row keeping a min-heap of its k best
@@ -261,48 +263,26 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const Params& p, int64_t k,
   return {values, ids};
 }
 
-}  // namespace
-
-at::Tensor adaptive_softmax_loss_forward(const at::Tensor& hidden, const at::Tensor& target,
-                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
-                                         at::TensorList tail_projections, at::TensorList tail_weights,
-                                         at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction) {
-  check_reduction(reduction);
-  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
-  const Groups g = group_rows(p, target, ignore_index);
-  const auto& h = p.hidden;
-  const int64_t n = h.size(0);
-  // Head: nll = lse(head) - head[col] on the rows kept.
-  const auto logits = head_logits(p, h);  // [N, H]
-  const auto col = long_tensor(g.head_col).clamp_min_(0);
-  auto nll = at::logsumexp(logits, {1}).sub_(logits.gather(1, col.unsqueeze(1)).squeeze(1));  // [N]
-  // Tail i on its rows: nll += lse(tail_i) - tail_i[target].
-  for (int64_t i = 0; i < p.n_tails(); ++i) {
-    if (g.rows[i].empty()) continue;
-    const auto rows = long_tensor(g.rows[i]);
-    const auto z = at::mm(h.index_select(0, rows), p.proj[i].t());                              // [n_i, d_i]
-    const auto target_logit = z.mul(p.weight[i].index_select(0, long_tensor(g.local[i]))).sum(1);  // [n_i]
-    nll.index_add_(0, rows, tail_lse(z, p.weight[i]).sub_(target_logit));
-  }
-  nll.mul_(long_tensor(g.head_col).ge(0).to(nll.scalar_type()));  // ignored rows give 0
-  if (reduction == "none") return nll;
-  auto total = nll.sum();
-  return reduction == "mean" ? total.div_(static_cast<double>(std::max<int64_t>(g.kept, 1))) : total;
+// A saved statistic: [N] in hidden's dtype, on the CPU.
+at::Tensor checked_stats(const at::Tensor& stats, const at::Tensor& hidden, const char* name) {
+  TORCH_CHECK(stats.device().is_cpu(), "adaptive softmax: ", name, " must be a CPU tensor, got ", stats.device());
+  TORCH_CHECK_TYPE(stats.scalar_type() == hidden.scalar_type(), "adaptive softmax: ", name, " must have hidden's dtype ",
+                   hidden.scalar_type(), ", got ", stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 1 && stats.size(0) == hidden.size(0), "adaptive softmax: ", name, " must be [",
+                    hidden.size(0), "], got ", stats.sizes());
+  return stats.contiguous();
 }
 
-AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
-                                             const at::Tensor& target, const at::Tensor& head_weight,
-                                             const std::optional<at::Tensor>& head_bias,
-                                             at::TensorList tail_projections, at::TensorList tail_weights,
-                                             at::IntArrayRef cutoffs, int64_t ignore_index,
-                                             const std::string& reduction) {
-  check_reduction(reduction);
-  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
-  const Groups g = group_rows(p, target, ignore_index);
+// The loss backward; head_lse / tail_lse [N]: the forward's statistics, or undefined to
+// recompute them (the tail's costs one more pass of logit GEMMs over the tail items).
+AdaptiveGrads loss_backward(const at::Tensor& grad_loss, const Params& p, const Groups& g, const std::string& reduction,
+                            at::Tensor head_lse, const at::Tensor& tail_lse_rows) {
   const auto& h = p.hidden;
   const auto w = row_weights(grad_loss, g, reduction, h.options());  // [N]
-  // Head: G = w * (softmax(head) - onehot(col)).
-  auto G = at::softmax(head_logits(p, h), 1).mul_(w.unsqueeze(1));  // [N, H]
+  // Head: G = w * (softmax(head) - onehot(col)), softmax = exp(logits - lse).
+  auto G = head_logits(p, h);  // [N, H]
+  if (!head_lse.defined()) head_lse = at::logsumexp(G, {1});
+  G.sub_(head_lse.unsqueeze(1)).exp_().mul_(w.unsqueeze(1));
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "adaptive_loss_head_onehot", [&] {
     scalar_t* gp = G.data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -325,7 +305,7 @@ AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const 
     const auto rows = long_tensor(g.rows[i]);
     const auto h_i = h.index_select(0, rows);          // [n_i, d]
     const auto z = at::mm(h_i, p.proj[i].t());          // [n_i, d_i]
-    const auto lse = tail_lse(z, F).unsqueeze(1);       // [n_i, 1]
+    const auto lse = (tail_lse_rows.defined() ? tail_lse_rows.index_select(0, rows) : tail_lse(z, F)).unsqueeze(1);
     const auto w_i = w.index_select(0, rows);           // [n_i]
     const auto w_col = w_i.unsqueeze(1);
     auto grad_z = at::zeros_like(z);
@@ -351,6 +331,72 @@ AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const 
     grad_weight.push_back(grad_F);
   }
   return {grad_h, grad_hw, grad_hb, grad_proj, grad_weight};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_softmax_loss_stats_forward(
+    const at::Tensor& hidden, const at::Tensor& target, const at::Tensor& head_weight,
+    const std::optional<at::Tensor>& head_bias, at::TensorList tail_projections, at::TensorList tail_weights,
+    at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction) {
+  check_reduction(reduction);
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  const Groups g = group_rows(p, target, ignore_index);
+  const auto& h = p.hidden;
+  // Head: nll = lse(head) - head[col] on the rows kept.
+  const auto logits = head_logits(p, h);  // [N, H]
+  const auto col = long_tensor(g.head_col).clamp_min_(0);
+  const auto head_lse = at::logsumexp(logits, {1});                                    // [N]
+  auto nll = head_lse.sub(logits.gather(1, col.unsqueeze(1)).squeeze(1));               // [N]
+  auto tail_lse_rows = at::zeros_like(head_lse);  // 0 on rows whose target is in the head or ignored
+  // Tail i on its rows: nll += lse(tail_i) - tail_i[target].
+  for (int64_t i = 0; i < p.n_tails(); ++i) {
+    if (g.rows[i].empty()) continue;
+    const auto rows = long_tensor(g.rows[i]);
+    const auto z = at::mm(h.index_select(0, rows), p.proj[i].t());                              // [n_i, d_i]
+    const auto target_logit = z.mul(p.weight[i].index_select(0, long_tensor(g.local[i]))).sum(1);  // [n_i]
+    const auto lse = tail_lse(z, p.weight[i]);                                                  // [n_i]
+    tail_lse_rows.index_copy_(0, rows, lse);
+    nll.index_add_(0, rows, lse.sub(target_logit));
+  }
+  nll.mul_(long_tensor(g.head_col).ge(0).to(nll.scalar_type()));  // ignored rows give 0
+  if (reduction != "none") {
+    auto total = nll.sum();
+    nll = reduction == "mean" ? total.div_(static_cast<double>(std::max<int64_t>(g.kept, 1))) : total;
+  }
+  return {nll, head_lse, tail_lse_rows};
+}
+
+at::Tensor adaptive_softmax_loss_forward(const at::Tensor& hidden, const at::Tensor& target,
+                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
+                                         at::TensorList tail_projections, at::TensorList tail_weights,
+                                         at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction) {
+  return std::get<0>(adaptive_softmax_loss_stats_forward(hidden, target, head_weight, head_bias, tail_projections,
+                                                         tail_weights, cutoffs, ignore_index, reduction));
+}
+
+AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                             const at::Tensor& target, const at::Tensor& head_weight,
+                                             const std::optional<at::Tensor>& head_bias,
+                                             at::TensorList tail_projections, at::TensorList tail_weights,
+                                             at::IntArrayRef cutoffs, int64_t ignore_index,
+                                             const std::string& reduction) {
+  check_reduction(reduction);
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  return loss_backward(grad_loss, p, group_rows(p, target, ignore_index), reduction, at::Tensor(), at::Tensor());
+}
+
+AdaptiveGrads adaptive_softmax_loss_stats_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                                   const at::Tensor& target, const at::Tensor& head_weight,
+                                                   const std::optional<at::Tensor>& head_bias,
+                                                   at::TensorList tail_projections, at::TensorList tail_weights,
+                                                   at::IntArrayRef cutoffs, int64_t ignore_index,
+                                                   const std::string& reduction, const at::Tensor& head_lse,
+                                                   const at::Tensor& tail_lse) {
+  check_reduction(reduction);
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  return loss_backward(grad_loss, p, group_rows(p, target, ignore_index), reduction,
+                       checked_stats(head_lse, p.hidden, "head_lse"), checked_stats(tail_lse, p.hidden, "tail_lse"));
 }
 
 at::Tensor adaptive_log_prob_forward(const at::Tensor& hidden, const at::Tensor& head_weight,

@@ -35,7 +35,10 @@ inline at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.op
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 // The extension is built for baseline x86-64, where at::vec::Vectorized is its generic
-// code; the hottest float loops get an AVX2 version picked at run time.
+// code; the hottest float loops get an AVX2 + FMA version (target attributes) that
+// every kernel file guards with this one macro and picks at run time with have_avx2().
+#define CPREC_HAVE_AVX2 1
+
 inline bool have_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -46,13 +49,12 @@ __attribute__((target("avx2"))) inline void add_row_avx2(float* dst, const float
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), _mm256_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] += src[i];
 }
-#define CPREC_HAVE_AVX2_ROWS 1
 #endif
 
 // dst[0:n] += src[0:n]
 template <typename T>
 inline void add_row(T* dst, const T* src, int64_t n) {
-#ifdef CPREC_HAVE_AVX2_ROWS
+#ifdef CPREC_HAVE_AVX2
   if constexpr (std::is_same_v<T, float>) {
     if (have_avx2()) return add_row_avx2(dst, src, n);
   }

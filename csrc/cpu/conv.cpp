@@ -6,36 +6,26 @@
 //
 // x: [B, T, C_in], W: [C_out, C_in, K], z/out: [B, T, C_out], mean/rstd: [B, T].
 //
-// Memory traffic it is designed for. No padded copy of x: the batch is one
+// Plain forward (causal_conv1d_forward): no padded copy of x. The batch is one
 // [B*T, C_in] matrix and tap k is ONE GEMM of the row range [0, B*T - s_k) of x into
-// the row range [s_k, B*T) of the output buffer (addmm_ on contiguous views; x is read
-// K times by the GEMMs, as in any GEMM-based conv). Flattening lets rows t < s_k of
-// batch b receive the last rows of batch b-1; those (B-1) * s_k rows are saved before
-// and restored after the tap's GEMM (forward), or zeroed in the grad buffer once the
-// taps reach them (backward, taps in increasing shift), so no extra pass is needed.
-// The LayerNorm epilogue then reads each output row once (mean, variance, normalise,
-// affine, ReLU, residual, all while the row is in L1) and writes it in place.
+// the row range [s_k, B*T) of the output buffer (addmm_ on contiguous views).
+// Flattening lets rows t < s_k of batch b receive the last rows of batch b-1; those
+// (B-1) * s_k rows are saved before and restored after the tap's GEMM.
 // The fused forward (causal_conv1d_ln_relu_forward) does not build z that way: see
 // "Fused forward" below (one GEMM, or Winograd F(4,3) for K = 3, and an epilogue that
-// assembles each z row from shifted GEMM rows while it normalises it).
-// Backward recomputes z with the K shifted GEMMs, runs the LN/ReLU backward in one pass per
-// row (per-thread partial sums for d ln_w, d ln_b, reduced in a fixed order), and
-// feeds the K input-grad GEMMs and K weight-grad GEMMs from the same buffer.
+// assembles each z row from GEMM rows while it normalises it).
+// Both backwards: see "Backward" below (Winograd for the three products of the fused
+// backward, or three single GEMMs over an im2col of x).
 #include "cpu/common.h"
 #include "cpu/ops.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <type_traits>
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#endif
 #include <vector>
 
 namespace cprec::cpu {
@@ -55,6 +45,11 @@ void check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t dilation)
 
 at::Tensor opt_contig(const std::optional<at::Tensor>& t) { return present(t) ? t->contiguous() : at::Tensor(); }
 
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 // z = causal conv of x: [B*T, C_out], a fresh contiguous buffer. wt: [K, C_in, C_out].
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, int64_t dilation) {
   const int64_t B = x.size(0), T = x.size(1), N = B * T, K = wt.size(0);
@@ -73,36 +68,6 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& wt, const at::Ten
   return z;
 }
 
-// Grads of conv_forward given gz: [B*T, C_out], which this CONSUMES (rows get zeroed).
-// -> (grad_x [B, T, C_in], grad_weight [C_out, C_in, K], grad_bias [C_out] or empty).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(at::Tensor gz, const at::Tensor& x,
-                                                             const at::Tensor& wt, bool need_bias,
-                                                             int64_t dilation) {
-  const int64_t B = x.size(0), T = x.size(1), N = B * T, K = wt.size(0);
-  const auto xf = x.view({N, x.size(2)});
-  auto grad_b = need_bias ? gz.sum(0) : absent(x);
-  auto grad_wt = at::zeros({K, wt.size(2), wt.size(1)}, wt.options());  // [K, C_out, C_in]
-  auto grad_x = at::mm(gz, wt[K - 1].t());                               // [N, C_in]
-  auto last = grad_wt[K - 1];
-  at::mm_out(last, gz.t(), xf);
-  auto gz3 = gz.view({B, T, gz.size(1)});
-  int64_t zeroed = 0;  // rows t < zeroed of batches 1.. are already zero
-  for (int64_t k = K - 2; k >= 0; --k) {
-    const int64_t s = shift_of(k, K, dilation);
-    if (s >= T) break;
-    // Pairs (x row of batch b, gz row t < s of batch b+1) straddle a batch edge.
-    if (B > 1 && s > zeroed) {
-      gz3.narrow(0, 1, B - 1).narrow(1, zeroed, s - zeroed).zero_();
-      zeroed = s;
-    }
-    const auto g = gz.narrow(0, s, N - s);
-    grad_x.narrow(0, 0, N - s).addmm_(g, wt[k].t());
-    auto slot = grad_wt[k];
-    at::mm_out(slot, g.t(), xf.narrow(0, 0, N - s));
-  }
-  return {grad_x.view(x.sizes()), grad_wt.permute({1, 2, 0}).contiguous(), grad_b};
-}
-
 // Sum of squared deviations from m of an L1-resident row.
 template <typename T>
 T row_sq_dev(const T* z, T m, int64_t n) {
@@ -118,41 +83,25 @@ T row_sq_dev(const T* z, T m, int64_t n) {
   return s;
 }
 
-// In place on z [rows, C] (the recomputed conv output): z becomes d loss / d z.
-// Per-thread partial sums of d ln_w = sum g * zhat and d ln_b = sum g go to part_w,
-// part_b: [threads, C] (a fixed split per thread count, so the result is deterministic).
+// Pass 1 of the LayerNorm + ReLU backward (see ln_relu_grad_row) on columns [i, C):
+// o = relu'(h) * grad * g, z becomes zhat, pw += relu'(h) grad zhat, pb += relu'(h) grad;
+// adds sum o and sum o * zhat to s1, s2.
 template <typename T>
-void ln_relu_epilogue_backward(T* z, const T* grad, int64_t rows, int64_t C, const T* lw, const T* lb,
-                               const T* mean, const T* rstd, T* part_w, T* part_b) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    T* pw = part_w + tid * C;
-    T* pb = part_b + tid * C;
-    std::vector<T> zhat(C);
-    for (int64_t r = begin; r < end; ++r) {
-      T* row = z + r * C;
-      const T* gr = grad + r * C;
-      const T m = mean[r], rs = rstd[r];
-      // Pass 1: g = grad * relu'(h), then g * ln_w and the two row means LN's backward needs.
-      T sum_g = 0, sum_gz = 0;
-      for (int64_t i = 0; i < C; ++i) {
-        const T zh = (row[i] - m) * rs;
-        T h = lw ? zh * lw[i] : zh;
-        if (lb) h += lb[i];
-        const T g = h > T(0) ? gr[i] : T(0);
-        pw[i] += g * zh;
-        pb[i] += g;
-        const T gw = lw ? g * lw[i] : g;
-        sum_g += gw;
-        sum_gz += gw * zh;
-        zhat[i] = zh;
-        row[i] = gw;
-      }
-      // Pass 2: project out the mean and the zhat direction.
-      const T mg = sum_g / T(C), mgz = sum_gz / T(C);
-      for (int64_t i = 0; i < C; ++i) row[i] = rs * (row[i] - mg - zhat[i] * mgz);
-    }
-  });
+void ln_relu_grad_pass1_cols(T* o, T* z, const T* grad, T m, T rs, const T* g, const T* b, T* pw, T* pb, int64_t i,
+                             int64_t C, T& s1, T& s2) {
+  for (; i < C; ++i) {
+    const T zh = (z[i] - m) * rs;
+    T h = g ? zh * g[i] : zh;
+    if (b) h += b[i];
+    const T gr = h > T(0) ? grad[i] : T(0);
+    pw[i] += gr * zh;
+    pb[i] += gr;
+    const T gw = g ? gr * g[i] : gr;
+    s1 += gw;
+    s2 += gw * zh;
+    z[i] = zh;
+    o[i] = gw;
+  }
 }
 
 // ---- float32 row kernels for AVX2 + FMA machines ------------------------------------
@@ -161,8 +110,7 @@ void ln_relu_epilogue_backward(T* z, const T* grad, int64_t rows, int64_t C, con
 // epilogue) were then as slow as a third of the GEMMs. These few loops are compiled
 // for AVX2 + FMA and picked at run time when the CPU has them; the math is the same
 // (the same sums in the same order per lane).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define CPREC_HAVE_AVX2_PATH 1
+#ifdef CPREC_HAVE_AVX2
 namespace avx2 {
 
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
@@ -229,8 +177,147 @@ __attribute__((target("avx2,fma"))) void ln_relu_out(float* o, const float* z, f
   }
 }
 
+// ln_relu_grad_pass1_cols on all columns, 8 at a time; -> (sum o, sum o * zhat).
+__attribute__((target("avx2,fma"))) std::pair<float, float> ln_relu_grad_pass1(
+    float* o, float* z, const float* grad, float m, float rs, const float* g, const float* b, float* pw, float* pb,
+    int64_t C) {
+  const __m256 mv = _mm256_set1_ps(m), rv = _mm256_set1_ps(rs), zero = _mm256_setzero_ps();
+  __m256 sg = zero, sgz = zero;
+  int64_t i = 0;
+  for (; i + 8 <= C; i += 8) {
+    const __m256 zh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + i), mv), rv);
+    __m256 h = g ? _mm256_mul_ps(zh, _mm256_loadu_ps(g + i)) : zh;
+    if (b) h = _mm256_add_ps(h, _mm256_loadu_ps(b + i));
+    const __m256 gr = _mm256_and_ps(_mm256_cmp_ps(h, zero, _CMP_GT_OQ), _mm256_loadu_ps(grad + i));
+    _mm256_storeu_ps(pw + i, _mm256_fmadd_ps(gr, zh, _mm256_loadu_ps(pw + i)));
+    _mm256_storeu_ps(pb + i, _mm256_add_ps(gr, _mm256_loadu_ps(pb + i)));
+    const __m256 gw = g ? _mm256_mul_ps(gr, _mm256_loadu_ps(g + i)) : gr;
+    sg = _mm256_add_ps(sg, gw);
+    sgz = _mm256_fmadd_ps(gw, zh, sgz);
+    _mm256_storeu_ps(z + i, zh);
+    _mm256_storeu_ps(o + i, gw);
+  }
+  float s1 = hsum(sg), s2 = hsum(sgz);
+  ln_relu_grad_pass1_cols(o, z, grad, m, rs, g, b, pw, pb, i, C, s1, s2);
+  return {s1, s2};
+}
+
+// Pass 2: o = rs * (o - mg - zhat * mgz); pz (may be null) += o.
+__attribute__((target("avx2,fma"))) void ln_relu_grad_pass2(float* o, const float* zh, float rs, float mg, float mgz,
+                                                            float* pz, int64_t C) {
+  const __m256 rv = _mm256_set1_ps(rs), mgv = _mm256_set1_ps(mg), mgzv = _mm256_set1_ps(mgz);
+  int64_t i = 0;
+  for (; i + 8 <= C; i += 8) {
+    const __m256 v = _mm256_mul_ps(
+        rv, _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(o + i), mgv), _mm256_mul_ps(_mm256_loadu_ps(zh + i), mgzv)));
+    _mm256_storeu_ps(o + i, v);
+    if (pz) _mm256_storeu_ps(pz + i, _mm256_add_ps(v, _mm256_loadu_ps(pz + i)));
+  }
+  for (; i < C; ++i) {
+    o[i] = rs * (o[i] - mg - zh[i] * mgz);
+    if (pz) pz[i] += o[i];
+  }
+}
+
 }  // namespace avx2
 #endif
+
+// dst = bias + sum_k coef[k] * src[k] (bias may be null) -> the sum of dst.
+template <typename T>
+T combine_row(T* dst, int64_t n, const T* coef, const T* const* src, const T* bias, int64_t C) {
+#ifdef CPREC_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx2()) return avx2::combine_row(dst, n, coef, src, bias, C);
+  }
+#endif
+  using Vec = Vectorized<T>;
+  Vec vsum(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= C; i += Vec::size()) {
+    Vec acc = bias ? Vec::loadu(bias + i) : Vec(T(0));
+    for (int64_t k = 0; k < n; ++k) acc = at::vec::fmadd(Vec(coef[k]), Vec::loadu(src[k] + i), acc);
+    acc.store(dst + i);
+    vsum += acc;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec& u, Vec& v) { return u + v; }, vsum);
+  for (; i < C; ++i) {
+    T acc = bias ? bias[i] : T(0);
+    for (int64_t k = 0; k < n; ++k) acc += coef[k] * src[k][i];
+    dst[i] = acc;
+    sum += acc;
+  }
+  return sum;
+}
+
+// out[r] = relu(LN(bias + sum_k coef_k * src_k) * g + b) + res[r], with the row stats;
+// z: a scratch row of C (L1-resident).
+template <typename T>
+void ln_relu_row(int64_t r, int64_t n, const T* coef, const T* const* src, int64_t C, const T* bias, const T* g,
+                 const T* b, const T* res, T* out, T* mean, T* rstd, double eps, T* z) {
+  const T m = combine_row(z, n, coef, src, bias, C) / T(C);
+#ifdef CPREC_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx2()) {
+      const float rs = 1.f / std::sqrt(avx2::sq_dev(z, m, C) / float(C) + float(eps));
+      mean[r] = m;
+      rstd[r] = rs;
+      avx2::ln_relu_out(out + r * C, z, m, rs, g, b, res ? res + r * C : nullptr, C);
+      return;
+    }
+  }
+#endif
+  using Vec = Vectorized<T>;
+  const T rs = T(1) / std::sqrt(row_sq_dev(z, m, C) / T(C) + T(eps));
+  mean[r] = m;
+  rstd[r] = rs;
+  // Normalise, affine, ReLU, residual; the only write of the output row.
+  T* o = out + r * C;
+  const T* rr = res ? res + r * C : nullptr;
+  const Vec mv(m), rv(rs), zero(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= C; i += Vec::size()) {
+    Vec h = (Vec::loadu(z + i) - mv) * rv;
+    if (g) h = h * Vec::loadu(g + i);
+    if (b) h = h + Vec::loadu(b + i);
+    h = at::vec::maximum(h, zero);
+    if (rr) h = h + Vec::loadu(rr + i);
+    h.store(o + i);
+  }
+  for (; i < C; ++i) {
+    T h = (z[i] - m) * rs;
+    if (g) h *= g[i];
+    if (b) h += b[i];
+    h = h > T(0) ? h : T(0);
+    if (rr) h += rr[i];
+    o[i] = h;
+  }
+}
+
+// The LayerNorm + ReLU backward of one row. z: the recomputed conv output row (scratch,
+// overwritten with zhat); grad: d loss / d out; o: d loss / d z. Column sums go to the
+// calling thread's rows of the partials: pw (d ln_w = sum g * zhat), pb (d ln_b = sum g)
+// and pz (d bias = sum of o; null when there is no bias).
+template <typename T>
+void ln_relu_grad_row(T* o, T* z, const T* grad, T m, T rs, const T* g, const T* b, T* pw, T* pb, T* pz, int64_t C) {
+  T sum_g = 0, sum_gz = 0;
+#ifdef CPREC_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx2()) {
+      std::tie(sum_g, sum_gz) = avx2::ln_relu_grad_pass1(o, z, grad, m, rs, g, b, pw, pb, C);
+      avx2::ln_relu_grad_pass2(o, z, rs, sum_g / float(C), sum_gz / float(C), pz, C);
+      return;
+    }
+  }
+#endif
+  // Pass 1: relu'(h) * grad * ln_w and the two row means LN's backward needs.
+  ln_relu_grad_pass1_cols(o, z, grad, m, rs, g, b, pw, pb, 0, C, sum_g, sum_gz);
+  // Pass 2: project out the mean and the zhat direction.
+  const T mg = sum_g / T(C), mgz = sum_gz / T(C);
+  for (int64_t i = 0; i < C; ++i) {
+    o[i] = rs * (o[i] - mg - z[i] * mgz);
+    if (pz) pz[i] += o[i];
+  }
+}
 
 // ---- Fused forward ---------------------------------------------------------------
 //
@@ -266,20 +353,46 @@ constexpr double kWinoG[kWinoA][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0
                                       {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 constexpr double kWinoAT[kWinoM][kWinoA] = {
     {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
-
 // Tiles of the Winograd path: per batch, per dilation phase p, nq tiles of m outputs;
-// tile (b, p, q) starts at t0 = p + q*m*dil.
+// tile (b, p, q) starts at t0 = p + q*m*dil. With `reversed`, time t of the problem is
+// row T-1-t of its batch in memory (the anti-causal input gradient as a causal conv).
 struct WinoTiles {
   int64_t B, T, dil, nq;
+  bool reversed;
+  int64_t m;  // outputs per tile
   int64_t count() const { return B * dil * nq; }
-  static WinoTiles of(int64_t B, int64_t T, int64_t dil) {
+  static WinoTiles of(int64_t B, int64_t T, int64_t dil, bool reversed = false, int64_t m = kWinoM) {
     const int64_t longest = (T + dil - 1) / dil;  // phase 0 is the longest
-    return {B, T, dil, (longest + kWinoM - 1) / kWinoM};
+    return {B, T, dil, (longest + m - 1) / m, reversed, m};
   }
+  void start(int64_t tile, int64_t& b, int64_t& t0) const {
+    const int64_t q = tile % nq, p = (tile / nq) % dil;
+    b = tile / (nq * dil);
+    t0 = p + q * m * dil;
+  }
+  int64_t row(int64_t b, int64_t t) const { return b * T + (reversed ? T - 1 - t : t); }
 };
 
 // Winograd pays off on GEMM-bound sizes only, and only when the tiles do not overshoot
-// T by much (dilations close to T leave half-empty tiles); else the direct path.
+// T by much (dilations close to T leave half-empty tiles); else the direct path (the
+// forward) or im2col (the backwards). The tiles may pad B*T rows by a third: a padded
+// tile still costs 0.5 * 4/3 = 0.67 of a direct GEMM. Measured at d = 256 (CPU time of
+// one thread on a loaded machine, min of 5 runs of 10, interleaved): the fused forward
+// at T = 50, dilation 4 or 8 (28% padding) 2.9-3.0 vs 3.7-3.8 ms direct, at T = 100,
+// dilation 8 (28%) 11.8 vs 16.1 ms; the fused backward at T = 50, dilation 4 (23%) 9.5
+// vs 11.6-12.1 ms im2col, at T = 100, dilation 8 (28%) 34 vs 44-49 ms.
+bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
+  if (K != 3 || 2 * dil >= T || C_in < 32 || C_out < 32 || B * T < 64) return false;
+  const auto tiles = WinoTiles::of(B, T, dil);
+  return tiles.count() * kWinoM <= B * T + B * T / 3;
+}
+
+// The backwards' choice: z and grad_x are convs C_in -> C_out and back.
+bool use_winograd_backward(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
+  return use_winograd(B, T, C_in, C_out, K, dil) && use_winograd(B, T, C_out, C_in, K, dil);
+}
+
+// Few rows: the im2col path (see "Fused forward").
 bool use_im2col(int64_t B, int64_t T, int64_t C_out) { return B * T < C_out; }
 
 // cols [B*T, C_in*K]: cols[b*T + t, c*K + k] = x[b, t - shift_k, c], 0 before the start.
@@ -293,121 +406,127 @@ at::Tensor im2col(const at::Tensor& x, int64_t K, int64_t dilation) {
   return cols.view({B * T, C_in * K});
 }
 
-bool use_winograd(int64_t B, int64_t T, int64_t C_in, int64_t C_out, int64_t K, int64_t dil) {
-  if (K != 3 || 2 * dil >= T || C_in < 32 || C_out < 32 || B * T < 64) return false;
-  const auto tiles = WinoTiles::of(B, T, dil);
-  return tiles.count() * kWinoM <= B * T + B * T / 8;  // at most 12.5% padding
+// dst_i = sum_l mat[i][l] * src_l for each i < A (src_l null: a zero row), row i of the
+// tile at dst + i * plane; C channels.
+template <typename T, int A, int L>
+void transform_tile(const T* const (&src)[L], const double (&mat)[A][L], int64_t C, T* dst, int64_t plane) {
+  for (int i = 0; i < A; ++i) {
+    T coef[L];
+    const T* terms[L];
+    int64_t n = 0;
+    for (int l = 0; l < L; ++l)
+      if (mat[i][l] != 0 && src[l]) {
+        coef[n] = T(mat[i][l]);
+        terms[n++] = src[l];
+      }
+    combine_row<T>(dst + i * plane, n, coef, terms, nullptr, C);
+  }
+}
+
+// out [A, n] with out_i = sum_l mat[i][l] * planes_l: planes [L, ...] (n elements each).
+// Not an at::mm: MKL's [A, L] x [L, n] product with L = 3 or 4 gave float32 results that
+// changed with the thread count (2 threads differed from 1, 3 and 4 in the last bit).
+// Here each element's sum has one order, and the column blocks (fixed size, so the
+// vector/tail split of every element is fixed) are shared out among threads.
+template <int A, int L>
+at::Tensor combine_planes(const double (&mat)[A][L], const at::Tensor& planes) {
+  constexpr int64_t kBlock = 4096;
+  const auto p = planes.contiguous();
+  const int64_t n = p.numel() / L;
+  auto out = at::empty({A, n}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "combine_planes", [&] {
+    using T_ = scalar_t;
+    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t off = blk * kBlock;
+        const T_* src[L];
+        for (int l = 0; l < L; ++l) src[l] = p.const_data_ptr<T_>() + l * n + off;
+        transform_tile<T_, A, L>(src, mat, std::min(kBlock, n - off), out.data_ptr<T_>() + off, n);
+      }
+    });
+  });
+  return out;
+}
+
+// V [a, rows, cols] = G @ taps: taps [3, rows, cols], the 3 taps of a K = 3 kernel.
+at::Tensor wino_weights(const at::Tensor& taps) {
+  return combine_planes(kWinoG, taps).view({kWinoA, taps.size(1), taps.size(2)});
 }
 
 // U [a, stride, C]: the input transform of tiles [t_begin, t_end) (row tile - t_begin).
 template <typename T>
 void wino_input_transform(const T* x, int64_t C, const WinoTiles& w, int64_t t_begin, int64_t t_end, int64_t stride,
                           T* U) {
-  using Vec = Vectorized<T>;
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
-    const int64_t q = tile % w.nq, p = (tile / w.nq) % w.dil, b = tile / (w.nq * w.dil);
-    const int64_t t0 = p + q * kWinoM * w.dil;
+    int64_t b, t0;
+    w.start(tile, b, t0);
     const T* d[kWinoA];
     for (int l = 0; l < kWinoA; ++l) {
       const int64_t t = t0 + (l - 2) * w.dil;
-      d[l] = (t >= 0 && t < w.T) ? x + (b * w.T + t) * C : nullptr;  // zero padding / past T
+      d[l] = (t >= 0 && t < w.T) ? x + w.row(b, t) * C : nullptr;  // zero padding / past T
     }
-#ifdef CPREC_HAVE_AVX2_PATH
-    if constexpr (std::is_same_v<T, float>) {
-      if (have_avx2()) {
-        for (int i = 0; i < kWinoA; ++i) {
-          float coef[kWinoA];
-          const float* src[kWinoA];
-          int64_t n = 0;
-          for (int l = 0; l < kWinoA; ++l)
-            if (kWinoBT[i][l] != 0 && d[l]) {
-              coef[n] = float(kWinoBT[i][l]);
-              src[n++] = d[l];
-            }
-          avx2::combine_row(U + (i * stride + tile - t_begin) * C, n, coef, src, nullptr, C);
-        }
-        continue;
-      }
-    }
-#endif
-    for (int i = 0; i < kWinoA; ++i) {
-      T* dst = U + (i * stride + tile - t_begin) * C;
-      int64_t c = 0;
-      for (; c + Vec::size() <= C; c += Vec::size()) {
-        Vec acc(T(0));
-        for (int l = 0; l < kWinoA; ++l)
-          if (kWinoBT[i][l] != 0 && d[l]) acc = at::vec::fmadd(Vec(T(kWinoBT[i][l])), Vec::loadu(d[l] + c), acc);
-        acc.store(dst + c);
-      }
-      for (; c < C; ++c) {
-        T acc = 0;
-        for (int l = 0; l < kWinoA; ++l)
-          if (kWinoBT[i][l] != 0 && d[l]) acc += T(kWinoBT[i][l]) * d[l][c];
-        dst[c] = acc;
-      }
-    }
+    transform_tile<T, kWinoA, kWinoA>(d, kWinoBT, C, U + (tile - t_begin) * C, stride * C);
   }
 }
 
-// out[r] = relu(LN(bias + sum_k coef_k * src_k) * g + b) + res[r], with the row stats;
-// z: a scratch row of C (L1-resident).
-template <typename T>
-void ln_relu_row(int64_t r, int64_t n, const T* coef, const T* const* src, int64_t C, const T* bias, const T* g,
-                 const T* b, const T* res, T* out, T* mean, T* rstd, double eps, T* z) {
-#ifdef CPREC_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<T, float>) {
-    if (have_avx2()) {
-      const float m = avx2::combine_row(z, n, coef, src, bias, C) / float(C);
-      const float rs = 1.f / std::sqrt(avx2::sq_dev(z, m, C) / float(C) + float(eps));
-      mean[r] = m;
-      rstd[r] = rs;
-      avx2::ln_relu_out(out + r * C, z, m, rs, g, b, res ? res + r * C : nullptr, C);
-      return;
+// How the Winograd tiles are cut into chunks: ~128 tiles a chunk (U and M: a * 128 * C
+// floats each), the count rounded up to a multiple of 4 so 1, 2 or 4 threads get even
+// shares. The split does not depend on the thread count.
+struct WinoChunks {
+  int64_t n_tiles, size, count;
+  static WinoChunks of(const WinoTiles& w) {
+    const int64_t n_tiles = w.count();
+    int64_t n = std::max<int64_t>(1, (n_tiles + 127) / 128);
+    if (n > 1) n = (n + 3) / 4 * 4;
+    const int64_t size = (n_tiles + n - 1) / n;
+    return {n_tiles, size, (n_tiles + size - 1) / size};
+  }
+};
+
+// A Winograd convolution in ONE parallel region: each thread runs, per chunk,
+// input transform -> a GEMMs (sequential BLAS inside the region) -> epilogue, on buffers
+// of its own that stay in L2 and are reused across its chunks. One region, no
+// tile-sized buffers (their first-touch page faults cost as much as the transforms),
+// and the epilogue reads M while it is still in cache.
+// x: [B*T, C_in] rows (w.row order), V: [a, C_in, C]. For each output (b, t < T):
+// out_row(row, n, coef, src, scratch) with the row's value sum_k coef_k * src_k (C wide;
+// scratch: C floats of the thread).
+template <typename T, typename OutRow>
+void wino_conv(const T* x, const at::Tensor& V, int64_t C_in, int64_t C, const WinoTiles& w, const OutRow& out_row) {
+  const auto plan = WinoChunks::of(w);
+  at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
+    at::AutoDispatchBelowAutograd below_autograd;  // worker threads do not inherit the caller's
+    auto U = at::empty({kWinoA, plan.size, C_in}, V.options());
+    auto M = at::empty({kWinoA, plan.size, C}, V.options());
+    std::vector<T> scratch(C);
+    T coef[kWinoA];
+    const T* src[kWinoA];
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t t_begin = c * plan.size, t_end = std::min(plan.n_tiles, t_begin + plan.size);
+      const int64_t n = t_end - t_begin;
+      wino_input_transform<T>(x, C_in, w, t_begin, t_end, plan.size, U.data_ptr<T>());
+      for (int i = 0; i < kWinoA; ++i) {
+        auto Mi = M[i].narrow(0, 0, n);
+        at::mm_out(Mi, U[i].narrow(0, 0, n), V[i]);
+      }
+      const T* m = M.const_data_ptr<T>();
+      for (int64_t tile = t_begin; tile < t_end; ++tile) {
+        int64_t bb, t0;
+        w.start(tile, bb, t0);
+        for (int j = 0; j < kWinoM; ++j) {
+          const int64_t t = t0 + j * w.dil;
+          if (t >= w.T) break;
+          int64_t k = 0;
+          for (int i = 0; i < kWinoA; ++i)
+            if (kWinoAT[j][i] != 0) {
+              coef[k] = T(kWinoAT[j][i]);
+              src[k++] = m + (i * plan.size + (tile - t_begin)) * C;
+            }
+          out_row(w.row(bb, t), k, coef, src, scratch.data());
+        }
+      }
     }
-  }
-#endif
-  using Vec = Vectorized<T>;
-  // Pass 1: assemble the z row and its sum.
-  Vec vsum(T(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec acc = bias ? Vec::loadu(bias + i) : Vec(T(0));
-    for (int64_t k = 0; k < n; ++k) acc = at::vec::fmadd(Vec(coef[k]), Vec::loadu(src[k] + i), acc);
-    acc.store(z + i);
-    vsum += acc;
-  }
-  T sum = at::vec::vec_reduce_all<T>([](Vec& u, Vec& v) { return u + v; }, vsum);
-  for (; i < C; ++i) {
-    T acc = bias ? bias[i] : T(0);
-    for (int64_t k = 0; k < n; ++k) acc += coef[k] * src[k][i];
-    z[i] = acc;
-    sum += acc;
-  }
-  const T m = sum / T(C);
-  const T rs = T(1) / std::sqrt(row_sq_dev(z, m, C) / T(C) + T(eps));
-  mean[r] = m;
-  rstd[r] = rs;
-  // Pass 2: normalise, affine, ReLU, residual; the only write of the output row.
-  T* o = out + r * C;
-  const T* rr = res ? res + r * C : nullptr;
-  const Vec mv(m), rv(rs), zero(T(0));
-  i = 0;
-  for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec h = (Vec::loadu(z + i) - mv) * rv;
-    if (g) h = h * Vec::loadu(g + i);
-    if (b) h = h + Vec::loadu(b + i);
-    h = at::vec::maximum(h, zero);
-    if (rr) h = h + Vec::loadu(rr + i);
-    h.store(o + i);
-  }
-  for (; i < C; ++i) {
-    T h = (z[i] - m) * rs;
-    if (g) h *= g[i];
-    if (b) h += b[i];
-    h = h > T(0) ? h : T(0);
-    if (rr) h += rr[i];
-    o[i] = h;
-  }
+  });
 }
 
 // ln_relu_row for every row, in parallel; gather(r, coef, src) names the terms of row r
@@ -426,59 +545,155 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
   });
 }
 
-// The whole Winograd forward in ONE parallel region: the tiles are cut into chunks, and
-// each thread runs, per chunk,
-// input transform -> a GEMMs (sequential BLAS inside the region) -> epilogue, on buffers
-// of its own that stay in L2 and are reused across its chunks. One region, no
-// tile-sized buffers (their first-touch page faults cost as much as the transforms),
-// and the epilogue reads M while it is still in cache.
+// ---- Backward ----------------------------------------------------------------------
+//
+// Given gz = d loss / d z: [N, C_out] (the fused op makes it first from the recomputed z
+// in the row pass that runs LN + ReLU backward; the plain op gets it), three products:
+//   grad_x[t] = sum_k gz[t + s_k] @ W_k        (anti-causal: a causal conv in reversed time)
+//   grad_W_k  = sum_t gz[t]^T x[t - s_k]       (a correlation, C_out x C_in per tap)
+//   grad_bias = sum_t gz[t]                    (column sums in the gz row pass)
+// Both ops pick by size as the forward does (use_winograd_backward):
+// * Winograd, K = 3: pass A recomputes z tile by tile as the forward does and runs the
+//   LN/ReLU backward on each output row as soon as the epilogue has assembled it (gz
+//   rows written once, bias/LN column sums in the same pass). Pass B is the forward's
+//   Winograd on gz in reversed time with the taps W_k ([C_out, C_in]): grad_x in place
+//   of z, no LayerNorm. Each has half the direct FLOPs. grad_W: F(3,2) (see
+//   "Weight gradient by Winograd F(3,2)"), 2/3 of the direct FLOPs. The plain op runs
+//   pass B and F(3,2) on the gz it is given.
+//   float32 error against the float64 direct sum, measured at B = 16, T = 50, C = 256,
+//   dilation 1 on random data (the float32 direct sum of the eager reference in
+//   brackets): grad_x max |err| 4.8e-6, rms 3e-7 (7.6e-7, 1e-7; entries up to 2.4);
+//   grad_W (F(3,2)) max 5.7e-5, rms 4e-6 (6.2e-5, 4e-6; entries up to 180); grad_bias,
+//   through the recomputed z, max 2.6e-5, rms 5e-6 (1.5e-5, 2e-6; entries up to 96).
+// * im2col, any K and any N (few rows, K != 3, or dilations close to T): cols [N, C_in*K]
+//   of x and ONE GEMM per product, all against the weight in its own layout
+//   Wf = W.view(C_out, C_in*K): z = cols @ Wf^T, grad_W = gz^T @ cols ([C_out, N] x
+//   [N, C_in*K]), grad_cols = gz @ Wf ([N, C_out] x [C_out, C_in*K]) and grad_x the
+//   K shifted slices of grad_cols summed (col2im).
+
+// Per-thread column sums of the backward row pass, [threads, C] each, summed at the end
+// in thread order (deterministic for a given thread count).
+struct ColumnSums {
+  at::Tensor ln_w, ln_b, bias;
+  ColumnSums(int64_t C, bool need_bias, const at::TensorOptions& opt) {
+    const int64_t threads = at::get_num_threads();
+    ln_w = at::zeros({threads, C}, opt);
+    ln_b = at::zeros({threads, C}, opt);
+    if (need_bias) bias = at::zeros({threads, C}, opt);
+  }
+};
+
+// The backward row pass: row r of z = bias + sum_k coef_k src_k; its d loss / d z goes to
+// gz row r. The gz row may alias a src row (read into scratch first).
 template <typename T>
-void wino_forward(const T* x, const at::Tensor& V, int64_t C_in, int64_t C, const WinoTiles& w, const T* bias,
-                  const T* g, const T* b, const T* res, T* out, T* mean, T* rstd, double eps) {
-  const int64_t n_tiles = w.count();
-  // ~128 tiles a chunk (U and M: a * 128 * C floats each), the count rounded up to a
-  // multiple of 4 so 1, 2 or 4 threads get even shares. The split does not depend on
-  // the thread count, so neither do the results.
-  int64_t n_chunks = std::max<int64_t>(1, (n_tiles + 127) / 128);
-  if (n_chunks > 1) n_chunks = (n_chunks + 3) / 4 * 4;
-  const int64_t chunk = (n_tiles + n_chunks - 1) / n_chunks;
-  n_chunks = (n_tiles + chunk - 1) / chunk;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    at::AutoDispatchBelowAutograd below_autograd;  // worker threads do not inherit the caller's
-    auto U = at::empty({kWinoA, chunk, C_in}, V.options());
-    auto M = at::empty({kWinoA, chunk, C}, V.options());
-    std::vector<T> z(C);
-    T coef[kWinoA];
-    const T* src[kWinoA];
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t t_begin = c * chunk, t_end = std::min(n_tiles, t_begin + chunk), n = t_end - t_begin;
-      wino_input_transform<T>(x, C_in, w, t_begin, t_end, chunk, U.data_ptr<T>());
-      for (int i = 0; i < kWinoA; ++i) {
-        auto Mi = M[i].narrow(0, 0, n);
-        at::mm_out(Mi, U[i].narrow(0, 0, n), V[i]);
-      }
-      const T* m = M.const_data_ptr<T>();
-      for (int64_t tile = t_begin; tile < t_end; ++tile) {
-        const int64_t q = tile % w.nq, p = (tile / w.nq) % w.dil, bb = tile / (w.nq * w.dil);
-        for (int j = 0; j < kWinoM; ++j) {
-          const int64_t t = p + (q * kWinoM + j) * w.dil;
-          if (t >= w.T) break;
-          int64_t k = 0;
-          for (int i = 0; i < kWinoA; ++i)
-            if (kWinoAT[j][i] != 0) {
-              coef[k] = T(kWinoAT[j][i]);
-              src[k++] = m + (i * chunk + (tile - t_begin)) * C;
-            }
-          ln_relu_row<T>(bb * w.T + t, k, coef, src, C, bias, g, b, res, out, mean, rstd, eps, z.data());
-        }
-      }
-    }
-  });
+struct LnReluGradRows {
+  T* gz;
+  const T *grad, *mean, *rstd, *bias, *g, *b;
+  T *pw, *pb, *pz;
+  int64_t C;
+  void operator()(int64_t r, int64_t n, const T* coef, const T* const* src, T* scratch) const {
+    const int64_t off = at::get_thread_num() * C;
+    combine_row<T>(scratch, n, coef, src, bias, C);
+    ln_relu_grad_row<T>(gz + r * C, scratch, grad + r * C, mean[r], rstd[r], g, b, pw + off, pb + off,
+                        pz ? pz + off : nullptr, C);
+  }
+};
+
+// grad_x [B, T, C_in] from grad_cols [N, C_in*K]: the K shifted slices summed.
+at::Tensor col2im(const at::Tensor& grad_cols, int64_t B, int64_t T, int64_t C_in, int64_t K, int64_t dilation) {
+  const auto g4 = grad_cols.view({B, T, C_in, K});
+  auto gx = g4.select(3, K - 1).contiguous();  // the unshifted tap
+  for (int64_t k = K - 2; k >= 0; --k) {
+    const int64_t s = shift_of(k, K, dilation);
+    if (s >= T) break;
+    gx.narrow(1, 0, T - s).add_(g4.select(3, k).narrow(1, s, T - s));
+  }
+  return gx;
 }
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+// im2col products of the backward: -> (grad_x [B, T, C_in], grad_W [C_out, C_in, K]).
+std::tuple<at::Tensor, at::Tensor> im2col_backward(const at::Tensor& gz, const at::Tensor& cols, const at::Tensor& wf,
+                                                   const at::Tensor& x, int64_t K, int64_t dilation) {
+  const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2);
+  auto grad_w = at::mm(gz.t(), cols).view({wf.size(0), C_in, K});
+  return {col2im(at::mm(gz, wf), B, T, C_in, K, dilation), grad_w};
+}
+
+// Pass B: grad_x [B, T, C_in] = the anti-causal conv of gz [N, C_out] by Winograd.
+// V [a, C_out, C_in]: wino_weights of the taps W_k; the fused backward passes the
+// transpose of its pass-A weights (G @ W_k^T per plane), saving a second transform.
+at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& V, int64_t B, int64_t T, int64_t dilation) {
+  const int64_t C = V.size(1), C_in = V.size(2);
+  auto gx = at::empty({B, T, C_in}, gz.options());
+  const auto tiles = WinoTiles::of(B, T, dilation, /*reversed=*/true);
+  AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "causal_conv1d_backward_grad_x", [&] {
+    using T_ = scalar_t;
+    T_* out = gx.data_ptr<T_>();
+    auto store = [&](int64_t r, int64_t n, const T_* coef, const T_* const* src, T_*) {
+      combine_row<T_>(out + r * C_in, n, coef, src, nullptr, C_in);
+    };
+    wino_conv<T_>(gz.const_data_ptr<T_>(), V, C, C_in, tiles, store);
+  });
+  return gx;
+}
+
+// ---- Weight gradient by Winograd F(3,2) ---------------------------------------------
+// The transpose of F(2,3) (y = AT2 [(G2 g) . (BT2 d)], tiles of m = 2 outputs, a = 4):
+// per tile of outputs t0, t0 + dil and inputs d_l = x[t0 + (l-2)*dil] (l < 4),
+// U_i = (BT2 d)_i and Gz_i = sum_j AT2[j][i] gz[t0 + j*dil]; P_i = sum over tiles of
+// Gz_i^T @ U_i ([C_out, C_in], a GEMM per chunk accumulated per thread) and
+// grad_W_k = sum_i G2[i][k] P_i: 4 GEMMs of N/2 rows instead of 3 of N (2/3 of the FLOPs).
+// Its points are 0, +-1 only (F(4,3)'s transpose, with +-2 and 1/24, was tried: 3x the
+// direct sum's float32 error on grad_W, max 1.7e-4 against 6.2e-5, and over the tests'
+// float32 tolerance of 1e-5 on small entries at C = 40). This one: see "Backward".
+constexpr int kWino2M = 2, kWino2A = 4;
+constexpr double kWino2BT[kWino2A][kWino2A] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+constexpr double kWino2G[kWino2A][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double kWino2A_[kWino2A][kWino2M] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};  // AT2 transposed
+
+// grad_W [C_out, C_in, 3] of a K = 3 conv: x [B, T, C_in], gz [B*T, C_out] (contiguous).
+at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilation) {
+  const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2), C = gz.size(1);
+  const auto w = WinoTiles::of(B, T, dilation, false, kWino2M);
+  const auto plan = WinoChunks::of(w);
+  auto P = at::zeros({at::get_num_threads(), kWino2A, C, C_in}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_grad_weight", [&] {
+    using T_ = scalar_t;
+    const T_ *px = x.const_data_ptr<T_>(), *pg = gz.const_data_ptr<T_>();
+    at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
+      at::AutoDispatchBelowAutograd below_autograd;
+      auto U = at::empty({kWino2A, plan.size, C_in}, x.options());
+      auto Gz = at::empty({kWino2A, plan.size, C}, x.options());
+      auto Pt = P[at::get_thread_num()];
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t t_begin = c * plan.size, t_end = std::min(plan.n_tiles, t_begin + plan.size);
+        for (int64_t tile = t_begin; tile < t_end; ++tile) {
+          int64_t b, t0;
+          w.start(tile, b, t0);
+          const T_* d[kWino2A];
+          for (int l = 0; l < kWino2A; ++l) {
+            const int64_t t = t0 + (l - 2) * dilation;
+            d[l] = (t >= 0 && t < T) ? px + w.row(b, t) * C_in : nullptr;
+          }
+          const T_* o[kWino2M];
+          for (int j = 0; j < kWino2M; ++j) {
+            const int64_t t = t0 + j * dilation;
+            o[j] = t < T ? pg + w.row(b, t) * C : nullptr;  // outputs past T have no grad
+          }
+          transform_tile<T_, kWino2A, kWino2A>(d, kWino2BT, C_in, U.data_ptr<T_>() + (tile - t_begin) * C_in,
+                                                plan.size * C_in);
+          transform_tile<T_, kWino2A, kWino2M>(o, kWino2A_, C, Gz.data_ptr<T_>() + (tile - t_begin) * C,
+                                                plan.size * C);
+        }
+        const int64_t n = t_end - t_begin;
+        for (int i = 0; i < kWino2A; ++i) Pt[i].addmm_(Gz[i].narrow(0, 0, n).t(), U[i].narrow(0, 0, n));
+      }
+    });
+  });
+  double gt[3][kWino2A];
+  for (int k = 0; k < 3; ++k)
+    for (int i = 0; i < kWino2A; ++i) gt[k][i] = kWino2G[i][k];
+  return combine_planes(gt, P.sum(0)).view({3, C, C_in}).permute({1, 2, 0}).contiguous();
 }
 
 }  // namespace
@@ -496,15 +711,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::
                                                                       const std::optional<at::Tensor>& bias,
                                                                       int64_t dilation) {
   check_conv(x, weight, dilation);
-  const auto xc = x.contiguous();
-  // conv_backward zeroes rows of its grad buffer: give it a private copy.
-  auto gz = grad_y.to(x.scalar_type()).reshape({-1, weight.size(0)}).clone(at::MemoryFormat::Contiguous);
-  return conv_backward(gz, xc, weight.permute({2, 1, 0}).contiguous(), present(bias), dilation);
+  const int64_t B = x.size(0), T = x.size(1), C = weight.size(0), K = weight.size(2);
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  const auto gz = grad_y.to(x.scalar_type()).reshape({B * T, C}).contiguous();
+  auto grad_b = present(bias) ? gz.sum(0) : absent(x);
+  if (use_winograd_backward(B, T, x.size(2), C, K, dilation)) {
+    const auto V = wino_weights(wc.permute({2, 0, 1}));  // taps W_k: [C_out, C_in]
+    return {wino_grad_x(gz, V, B, T, dilation), wino_grad_w(gz, xc, dilation), grad_b};
+  }
+  auto [grad_x, grad_w] = im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
+  return {grad_x, grad_w, grad_b};
 }
-
-}  // namespace cprec::cpu
-
-namespace cprec::cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -522,15 +739,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
   const bool unfold = !wino && use_im2col(B, T, C);
   at::Tensor Y;  // direct and im2col paths: the GEMM output the epilogue reads (see "Fused forward")
   int64_t k0 = 0;  // direct path: first tap with shift < T (earlier taps never reach a row)
-  const auto tiles = WinoTiles::of(B, T, dilation);
   at::Tensor V;  // Winograd: the transformed weights [a, C_in, C_out]
   if (wino) {
-    double g[kWinoA * 3];
-    for (int i = 0; i < kWinoA; ++i)
-      for (int k = 0; k < 3; ++k) g[i * 3 + k] = kWinoG[i][k];
-    const auto G = at::from_blob(g, {kWinoA, 3}, at::kDouble).to(x.scalar_type());
-    const auto wt = weight.permute({2, 1, 0}).contiguous().view({3, C_in * C});  // [K, C_in * C_out]
-    V = at::mm(G, wt).view({kWinoA, C_in, C});
+    V = wino_weights(weight.permute({2, 1, 0}));  // taps W_k^T: [C_in, C_out]
   } else if (unfold) {
     Y = at::mm(im2col(xc, K, dilation), weight.contiguous().view({C, C_in * K}).t());  // [N, C_out]
   } else {
@@ -546,7 +757,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
              *pr = ptr_or_null<T_>(res);
     T_ *po = out.data_ptr<T_>(), *pm = mean.data_ptr<T_>(), *ps = rstd.data_ptr<T_>();
     if (wino) {
-      wino_forward<T_>(xc.const_data_ptr<T_>(), V, C_in, C, tiles, pb, pg, pl, pr, po, pm, ps, eps);
+      auto row = [&](int64_t r, int64_t n, const T_* coef, const T_* const* src, T_* z) {
+        ln_relu_row<T_>(r, n, coef, src, C, pb, pg, pl, pr, po, pm, ps, eps, z);
+      };
+      wino_conv<T_>(xc.const_data_ptr<T_>(), V, C_in, C, WinoTiles::of(B, T, dilation), row);
     } else {
       const int64_t width = (K - k0) * C;
       auto gather = [&](int64_t r, T_* coef, const T_** src) -> int64_t {
@@ -576,23 +790,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t dilation, double eps) {
   check_conv(x, weight, dilation);
-  const int64_t N = x.size(0) * x.size(1), C = weight.size(0);
-  const auto xc = x.contiguous();
-  const auto wt = weight.permute({2, 1, 0}).contiguous();
-  auto gz = conv_forward(xc, wt, opt_contig(bias), dilation);  // z again, then d loss / d z in place
-  const auto lw = opt_contig(ln_weight), lb = opt_contig(ln_bias);
+  const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2), C = weight.size(0), K = weight.size(2);
+  const int64_t N = B * T;
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  const auto bc = opt_contig(bias), lw = opt_contig(ln_weight), lb = opt_contig(ln_bias);
   const auto grad = grad_out.to(x.scalar_type()).contiguous();
   const auto m = mean.to(x.scalar_type()).contiguous(), rs = rstd.to(x.scalar_type()).contiguous();
-  const int64_t threads = at::get_num_threads();
-  auto part_w = at::zeros({threads, C}, x.options()), part_b = at::zeros({threads, C}, x.options());
+  ColumnSums sums(C, bc.defined(), x.options());
+  const bool wino = use_winograd_backward(B, T, C_in, C, K, dilation);
+  at::Tensor gz, grad_x, grad_w;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_ln_relu_backward", [&] {
-    ln_relu_epilogue_backward<scalar_t>(gz.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), N, C,
-                                        ptr_or_null<scalar_t>(lw), ptr_or_null<scalar_t>(lb),
-                                        m.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(),
-                                        part_w.data_ptr<scalar_t>(), part_b.data_ptr<scalar_t>());
+    using T_ = scalar_t;
+    LnReluGradRows<T_> rows{nullptr, grad.const_data_ptr<T_>(), m.const_data_ptr<T_>(), rs.const_data_ptr<T_>(),
+                            ptr_or_null<T_>(bc), ptr_or_null<T_>(lw), ptr_or_null<T_>(lb),
+                            sums.ln_w.data_ptr<T_>(), sums.ln_b.data_ptr<T_>(),
+                            bc.defined() ? sums.bias.data_ptr<T_>() : nullptr, C};
+    if (wino) {
+      gz = at::empty({N, C}, x.options());
+      rows.gz = gz.data_ptr<T_>();
+      const auto V = wino_weights(weight.permute({2, 1, 0}));  // taps W_k^T: [C_in, C_out]
+      wino_conv<T_>(xc.const_data_ptr<T_>(), V, C_in, C, WinoTiles::of(B, T, dilation), rows);
+      grad_w = wino_grad_w(gz, xc, dilation);
+      grad_x = wino_grad_x(gz, V.transpose(1, 2), B, T, dilation);
+    } else {
+      const auto cols = im2col(xc, K, dilation);
+      const auto wf = wc.view({C, C_in * K});
+      gz = at::mm(cols, wf.t());  // z without bias; the row pass turns it into gz in place
+      rows.gz = gz.data_ptr<T_>();
+      const T_* z = gz.const_data_ptr<T_>();
+      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+        std::vector<T_> scratch(C);
+        const T_ one(1);
+        for (int64_t r = begin; r < end; ++r) {
+          const T_* src = z + r * C;
+          rows(r, 1, &one, &src, scratch.data());
+        }
+      });
+      std::tie(grad_x, grad_w) = im2col_backward(gz, cols, wf, xc, K, dilation);
+    }
   });
-  auto [grad_x, grad_w, grad_b] = conv_backward(gz, xc, wt, present(bias), dilation);
-  return {grad_x, grad_w, grad_b, lw.defined() ? part_w.sum(0) : absent(x), lb.defined() ? part_b.sum(0) : absent(x)};
+  return {grad_x, grad_w, bc.defined() ? sums.bias.sum(0) : absent(x),
+          lw.defined() ? sums.ln_w.sum(0) : absent(x), lb.defined() ? sums.ln_b.sum(0) : absent(x)};
 }
 
 }  // namespace cprec::cpu
