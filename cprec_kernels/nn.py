@@ -291,9 +291,18 @@ class AdaptiveSoftmax(nn.Module):
         )
 
     def log_prob(self, hidden: Tensor) -> Tensor:
+        """log p(item | hidden) for every item: hidden [N, d] -> [N, V] (float32, or
+        float64 for float64 inputs). Materialises [N, V]: to rank items use ``topk``."""
         return _asm.adaptive_log_prob(hidden, *self._params(), backend=self.backend)
 
     def topk(self, hidden: Tensor, k: int, exclude: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The k most likely items per row, best first, without the [N, V] matrix.
+
+        hidden: [N, d]; exclude: [N, m] ids never returned for their row (negative
+        entries and the padding id V are skipped) -> (log_probs [N, k], ids [N, k]
+        int64). A row with fewer than k items left after ``exclude`` gets id -1 and
+        log-prob -inf in its last slots. Differentiable in the log-probs.
+        """
         return _asm.adaptive_topk(hidden, *self._params(), k, exclude=exclude, backend=self.backend)
 
     @classmethod

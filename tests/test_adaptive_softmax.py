@@ -221,6 +221,53 @@ def test_topk(backend, dtype, layout, k, with_exclude):
         assert torch.equal(ids, ck.adaptive_topk(hidden, *params, k, exclude, backend="torch")[1])
 
 
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_TOPK))
+def test_topk_past_the_items_left(backend, dtype):
+    """k above what ``exclude`` leaves: the missing slots are id -1 and -inf on every
+    backend, never an excluded id; the padding id V (and repeats, and -1) are padding."""
+    params = make_params("narrow", dtype)
+    V = params[-1][-1]
+    hidden = make_hidden(4, LAYOUTS["narrow"][0], dtype)
+    keep = [[3, 8], [0, 1, 2, 30, 59], [], list(range(V))]  # the items each row may return
+    exclude = torch.full((4, V + 4), V, dtype=torch.int64)  # V: padding
+    for row, kept in enumerate(keep):
+        dropped = [i for i in range(V) if i not in kept]
+        exclude[row, : len(dropped)] = torch.tensor(dropped, dtype=torch.int64)
+    exclude[:, -4:] = torch.tensor([-1, V, 5, 5])  # a repeat of 5 (excluded in rows 0-2 already)
+    exclude[3, -2:] = V  # row 3 keeps every item
+    exclude = exclude.to(DEVICE)
+    k = 6
+    leaves_ = as_leaves(inputs_of(hidden, params))
+    values, ids = ck.adaptive_topk(**leaves_, k=k, exclude=exclude, backend=backend)
+    log_probs = ck.adaptive_log_prob(hidden, *params, backend="torch").to(values.dtype)
+    for row, kept in enumerate(keep):
+        n = min(len(kept), k)
+        want = log_probs[row, kept].sort(descending=True) if kept else None
+        assert ids[row, n:].tolist() == [-1] * (k - n), f"row {row}: {ids[row].tolist()}"
+        assert torch.isneginf(values[row, n:]).all()
+        if n:
+            assert sorted(ids[row, :n].tolist()) == sorted(torch.tensor(kept)[want.indices[:n].cpu()].tolist())
+            torch.testing.assert_close(values[row, :n], want.values[:n], rtol=1e-4, atol=1e-5)
+    # The -inf slots take no gradient; the real ones take theirs.
+    torch.where(ids >= 0, values, 0).sum().backward()
+    grad_lp = torch.zeros(4, V, dtype=torch.float64, device=DEVICE)
+    for row in range(4):
+        for slot in range(k):
+            if ids[row, slot] >= 0:
+                grad_lp[row, ids[row, slot]] += 1
+    ref = as_leaves(inputs_of(hidden, params), torch.float64)
+    (ck.adaptive_log_prob(**ref, backend="torch") * grad_lp).sum().backward()
+    assert_all_close([leaves_["hidden"].grad], [ref["hidden"].grad], dtype, "hidden grad")
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_TOPK))
+def test_topk_refuses_ids_past_the_padding_id(backend):
+    params = make_params("narrow", torch.float32)
+    hidden = make_hidden(2, LAYOUTS["narrow"][0], torch.float32)
+    with pytest.raises(ValueError, match="exclude holds 1 id"):
+        ck.adaptive_topk(hidden, *params, k=2, exclude=torch.tensor([[0, 61], [1, 60]], device=DEVICE), backend=backend)
+
+
 @pytest.mark.parametrize("backend", backend_params(ADAPTIVE_TOPK))
 def test_head_only_layout(backend):
     # cutoffs = [V]: no tails (nn.AdaptiveLogSoftmaxWithLoss cannot express it).

@@ -237,11 +237,31 @@ def _topk_op(
     exclude: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    if exclude is not None:
-        check_ids_in_range("exclude", exclude, cutoffs[-1], allow_negative=True)
-    return ADAPTIVE_TOPK.call_forward(
+    num_items = cutoffs[-1]
+    if exclude is None:
+        return ADAPTIVE_TOPK.call_forward(
+            backend, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, None
+        )
+    # V is the padding id of the embedding, so histories used as ``exclude`` carry it:
+    # it is padding here too, like the negative entries the backends already skip.
+    check_ids_in_range("exclude", exclude, num_items + 1, allow_negative=True)
+    exclude = torch.where(exclude == num_items, -1, exclude)
+    values, ids = ADAPTIVE_TOPK.call_forward(
         backend, hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs, k, exclude
     )
+    # Past the items a row has left, backends differ in which -inf entries they pick
+    # (excluded ids among them): those slots are defined as id -1, score -inf.
+    missing = torch.arange(k, device=ids.device) >= _items_left(exclude, num_items)[:, None]
+    return values.masked_fill(missing, float("-inf")), ids.masked_fill(missing, -1)
+
+
+def _items_left(exclude: Tensor, num_items: int) -> Tensor:
+    """exclude: [N, m] ids in [0, V) or negative padding -> [N] int64: V minus the number
+    of distinct ids each row excludes (an id may be listed twice)."""
+    ordered = exclude.sort(dim=1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return num_items - ((ordered >= 0) & first).sum(dim=1)
 
 
 @_topk_op.register_fake
@@ -258,8 +278,12 @@ def _topk_setup(ctx, inputs, output):
 def _topk_backward(ctx, grad_values, _grad_ids):
     # The selected log-probs are entries of the full matrix: scatter their grads
     # into it and reuse the log-prob backward.
+    # Missing slots (id -1, score -inf) select nothing: their grads go nowhere.
     ids = ctx.saved_tensors[-1]
-    grad_lp = grad_values.new_zeros(grad_values.shape[0], ctx.cutoffs[-1]).scatter(1, ids, grad_values)
+    missing = ids < 0
+    grad_lp = grad_values.new_zeros(grad_values.shape[0], ctx.cutoffs[-1]).scatter_add(
+        1, ids.masked_fill(missing, 0), grad_values.masked_fill(missing, 0)
+    )
     return *_log_prob_grads(ctx, grad_lp), None, None, None, None
 
 
@@ -365,7 +389,9 @@ def adaptive_topk(
     """The k most likely items of each row, best first.
 
     hidden: [N, d], exclude: [N, m] ids never returned for that row (negative entries
-    are padding) -> (log_probs [N, k] float32/float64, ids [N, k] int64).
+    and the padding id V are skipped) -> (log_probs [N, k] float32/float64, ids [N, k]
+    int64). Where a row has fewer than k items left after ``exclude``, its last slots
+    hold id -1 and log-prob -inf, on every backend.
     """
     cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cutoffs[-1]:
