@@ -575,9 +575,9 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 // CPU time, min of 5 x 10 runs on a loaded 2-core machine): at B = 16, T = 50 the bare
 // GEMMs of these algorithms, as one call each, take 1.80 ms per Winograd F(4,3) pass
 // (forward, pass A, pass B) and 2.31 ms for grad_W by F(3,2): 7.7 ms a layer with no
-// transform, epilogue or LayerNorm at all, against 13-15 ms for the eager reference's
-// forward+backward (1.7-1.9x at best); we measure 12.5-14.5 ms (2.6-2.9 fwd, 8.8-9.0 bwd,
-// ~1 ms in the Python op layer). Pass A (recomputing z: the op schema saves no z) is
+// transform, epilogue or LayerNorm at all, against 11.4-15.8 ms for the eager reference's
+// forward+backward in the same runs (1.5-2.1x at best); we measure 12-14.5 ms (2.6-2.9
+// fwd, 8.8-9.0 bwd, ~1 ms in the Python op layer). Pass A (recomputing z: the op schema saves no z) is
 // 1.80 ms of that floor; without it the floor is 5.9 ms.
 
 // Per-thread column sums of the backward row pass, [threads, C] each, summed at the end
