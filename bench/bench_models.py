@@ -53,7 +53,7 @@ if os.environ.get("CPREC_BENCH_THREADS"):
 D = sizes(32, 256)
 DILATIONS = sizes([1, 2], [1, 2, 4, 8, 1, 2, 4, 8])
 SEQ_LEN = sizes(10, 50)
-BATCH = sizes(4, 128 if DEVICE.type == "cuda" else 16)
+BATCHES = sizes([4], [128] if DEVICE.type == "cuda" else [16, 64])  # training sequences per step
 USERS = sizes([1, 4], [1, 256] if DEVICE.type == "cuda" else [1, 32])
 VOCABS = sizes([2000], [10_000, 100_000, 1_000_000])
 CUT_FRACTIONS = (0.02, 0.10, 0.35)
@@ -282,16 +282,16 @@ def serving_model(impl: str, vocab: int):
 
 
 # (vocab, impl) in that order, so the grid reads as one block of rows per vocabulary.
-TRAIN_GRID = [(v, i) for v in VOCABS for i in IMPLS]
+TRAIN_GRID = [(v, b, i) for v in VOCABS for b in BATCHES for i in IMPLS]
 SERVE_GRID = [(v, i, u) for v in VOCABS for i in IMPLS for u in USERS]
 
 
-@pytest.mark.parametrize("vocab,impl", TRAIN_GRID)
-def test_train_step(benchmark, vocab, impl):
-    skip_unless_runnable(impl, "train_step", vocab, BATCH)
+@pytest.mark.parametrize("vocab,batch,impl", TRAIN_GRID)
+def test_train_step(benchmark, vocab, batch, impl):
+    skip_unless_runnable(impl, "train_step", vocab, batch)
     net = build(impl, vocab).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    ids = sequences(BATCH, vocab)
+    ids = sequences(batch, vocab)
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     loss_fn = compiled(net.loss) if model_and_backend(impl)[2] else net.loss
 
@@ -301,9 +301,9 @@ def test_train_step(benchmark, vocab, impl):
         optimizer.step()
         sync()
 
-    benchmark.group = f"train_step V={vocab}"
+    benchmark.group = f"train_step V={vocab} B={batch}"
     measured = run(benchmark, step, impl)
-    record(benchmark, impl, "train_step", vocab, BATCH, net, measured, state_copies=4)
+    record(benchmark, impl, "train_step", vocab, batch, net, measured, state_copies=4)
 
 
 @pytest.mark.parametrize("vocab,impl,users", SERVE_GRID)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from cprec.cli import main
 from cprec.models import ResidualStack, build_model
 from cprec.schedule import lr_factor, make_scheduler, warmup_length
-from helpers import conv_ln_relu_by_modules, source_tree_env
+from cprec_kernels.testing import conv_ln_relu_by_modules
+from helpers import source_tree_env
 
 TINY = ["--quiet", "--dim", "16", "--dilations", "1,2", "--max-len", "20", "--limit-batches", "3"]
 
