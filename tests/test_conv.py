@@ -313,3 +313,23 @@ def test_cpu_fused_forward_is_thread_count_invariant(backend):
         torch.set_num_threads(threads)
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+@pytest.mark.parametrize("case", [FUSED_CASES[i] for i in (0, 6, 8, 11)], ids=_ids([FUSED_CASES[i] for i in (0, 6, 8, 11)]))
+def test_cpu_fused_backward_with_and_without_saved_z(backend, case):
+    # Autograd always hands the cpu backward its forward's z; a direct call without it
+    # recomputes z (Winograd pass A, or the im2col GEMM). Both against the reference, in
+    # float64, with strided inputs (Winograd and im2col backwards: cases 0, 6 / 8, 11).
+    torch.manual_seed(sum(case))
+    inputs = {k: None if t is None else noncontiguous(t.detach().to(torch.float64))
+              for k, t in ln_inputs(case, torch.float64, residual=False).items()}
+    args = (*inputs.values(), case[5], EPS)
+    _, mean, rstd, z = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, backend)
+    grad = noncontiguous(torch.randn(case[0], case[1], case[3], dtype=torch.float64))
+    backward = torch.ops.cprec.causal_conv1d_ln_relu_backward.default
+    bwd_args = (grad, *list(inputs.values())[:5])
+    want = reference.causal_conv1d_ln_relu_backward(*bwd_args, mean, rstd, case[5], EPS)
+    for saved in (noncontiguous(z), z.new_empty(0)):
+        got = backward(*bwd_args, mean, rstd, saved, case[5], EPS, backend)
+        assert_all_close(list(got), list(want), torch.float64, f"backward, z of {saved.numel()} entries")
