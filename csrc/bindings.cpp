@@ -51,10 +51,11 @@ TORCH_LIBRARY(cprec_cpu, m) {
         "-> (Tensor, Tensor, Tensor)",
         &causal_conv1d_backward);
   m.def("causal_conv1d_ln_relu_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, "
-        "Tensor? residual, int dilation, float eps) -> (Tensor, Tensor, Tensor)",
+        "Tensor? residual, int dilation, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
         &causal_conv1d_ln_relu_forward);
   m.def("causal_conv1d_ln_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? ln_weight, "
-        "Tensor? ln_bias, Tensor mean, Tensor rstd, int dilation, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "Tensor? ln_bias, Tensor mean, Tensor rstd, Tensor? z, int dilation, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         &causal_conv1d_ln_relu_backward);
 #undef CPREC_ADAPTIVE_PARAMS
 #undef CPREC_ADAPTIVE_GRADS

@@ -13,7 +13,7 @@ import torch
 
 import cprec_kernels as ck
 from cprec_kernels import reference
-from cprec_kernels.conv import CAUSAL_CONV1D, CAUSAL_CONV1D_LN_RELU
+from cprec_kernels.conv import CAUSAL_CONV1D, CAUSAL_CONV1D_LN_RELU, SAVES_Z
 from cprec_kernels.testing import conv_by_padding, conv_ln_relu_by_modules
 from harness import (
     DEVICE,
@@ -135,10 +135,16 @@ def test_conv_ln_relu_statistics_match_reference(backend):
     inputs = {k: None if t is None else t.detach().contiguous()
               for k, t in ln_inputs((2, 9, 5, 19, 3, 2), torch.float32).items()}
     args = (*inputs.values(), 2, EPS)
-    out, mean, rstd = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, backend)
+    out, mean, rstd, z = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, backend)
     want = reference.causal_conv1d_ln_relu_forward(*args)
     assert mean.shape == (2, 9) and mean.dtype == rstd.dtype == torch.float32
-    assert_all_close([out, mean, rstd], list(want), torch.float32, "forward", tol=(1e-5, 1e-5))
+    assert_all_close([out, mean, rstd], list(want[:3]), torch.float32, "forward", tol=(1e-5, 1e-5))
+    # The saved z is the conv output before LayerNorm, or empty where the backward recomputes it.
+    if backend in SAVES_Z:
+        want_z = reference.causal_conv1d_forward(*args[:3], 2)
+        assert_all_close([z], [want_z], torch.float32, "saved z", tol=(1e-5, 1e-5))
+    else:
+        assert z.numel() == 0
 
 
 @pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D, ["torch", "cpu", "triton"]))
@@ -168,6 +174,10 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.causal_conv1d_ln_relu.default, (x, w, None, None, None, None, 3, 1e-8, backend))
     g = torch.randn(2, 5, 4, device=DEVICE)
     torch.library.opcheck(ops.causal_conv1d_backward.default, (g, x.detach(), w.detach(), None, 1, backend))
+    # The fused backward with the forward's z (real on the backends that save it, else empty).
+    leaves = [t.detach() for t in (x, w, b, lw, lb)]
+    _, mean, rstd, z = ops.causal_conv1d_ln_relu.default(*leaves, None, 1, 1e-5, backend)
+    torch.library.opcheck(ops.causal_conv1d_ln_relu_backward.default, (g, *leaves, mean, rstd, z, 1, 1e-5, backend))
 
 
 # --------------------------------------------------------------------------------------
@@ -233,8 +243,8 @@ def test_triton_rows_split_over_column_tiles(monkeypatch, backend, dtype, i):
 
     check(ln_op(case[5]), inputs, backend, dtype, oracle)
     args = (*(None if t is None else t.detach().contiguous() for t in inputs.values()), case[5], EPS)
-    _, mean, rstd = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, backend)
-    _, ref_mean, ref_rstd = reference.causal_conv1d_ln_relu_forward(*args)
+    _, mean, rstd, _ = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, backend)
+    _, ref_mean, ref_rstd, _ = reference.causal_conv1d_ln_relu_forward(*args)
     assert_all_close([mean, rstd], [ref_mean, ref_rstd], dtype, "split rows statistics")
 
 
@@ -303,3 +313,23 @@ def test_cpu_fused_forward_is_thread_count_invariant(backend):
         torch.set_num_threads(threads)
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+@pytest.mark.parametrize("case", [FUSED_CASES[i] for i in (0, 6, 8, 11)], ids=_ids([FUSED_CASES[i] for i in (0, 6, 8, 11)]))
+def test_cpu_fused_backward_with_and_without_saved_z(backend, case):
+    # Autograd always hands the cpu backward its forward's z; a direct call without it
+    # recomputes z (Winograd pass A, or the im2col GEMM). Both against the reference, in
+    # float64, with strided inputs (Winograd and im2col backwards: cases 0, 6 / 8, 11).
+    torch.manual_seed(sum(case))
+    inputs = {k: None if t is None else noncontiguous(t.detach().to(torch.float64))
+              for k, t in ln_inputs(case, torch.float64, residual=False).items()}
+    args = (*inputs.values(), case[5], EPS)
+    _, mean, rstd, z = torch.ops.cprec.causal_conv1d_ln_relu.default(*args, backend)
+    grad = noncontiguous(torch.randn(case[0], case[1], case[3], dtype=torch.float64))
+    backward = torch.ops.cprec.causal_conv1d_ln_relu_backward.default
+    bwd_args = (grad, *list(inputs.values())[:5])
+    want = reference.causal_conv1d_ln_relu_backward(*bwd_args, mean, rstd, case[5], EPS)
+    for saved in (noncontiguous(z), z.new_empty(0)):
+        got = backward(*bwd_args, mean, rstd, saved, case[5], EPS, backend)
+        assert_all_close(list(got), list(want), torch.float64, f"backward, z of {saved.numel()} entries")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .._core.backends import BackendTable
-from .._core.tensors import acc_dtype, fake_like, grad_if_given, none_to_empty
+from .._core.tensors import acc_dtype, empty_to_none, fake_like, grad_if_given, none_to_empty
 from .._core.validation import check_tensor
 
 Tensor = torch.Tensor
@@ -107,6 +107,11 @@ def causal_conv1d(
 # --------------------------------------------------------------------------------------
 # causal_conv1d_ln_relu
 # --------------------------------------------------------------------------------------
+# Backends whose forward returns z (the conv output before LayerNorm) for the backward
+# to read instead of recomputing it; the others return None, an empty z in the schema.
+SAVES_Z = ("cpu",)
+
+
 @torch.library.custom_op("cprec::causal_conv1d_ln_relu", mutates_args=())
 def _conv_ln_relu_op(
     x: Tensor,
@@ -118,14 +123,25 @@ def _conv_ln_relu_op(
     dilation: int,
     eps: float,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return CAUSAL_CONV1D_LN_RELU.call_forward(backend, x, weight, bias, ln_weight, ln_bias, residual, dilation, eps)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out [B, T, C_out], mean [B, T], rstd [B, T], z [B, T, C_out] or empty).
+
+    z is real on the backends in SAVES_Z, in the accumulation dtype like the statistics:
+    one more [B, T, C_out] activation kept per layer for the backward (eager autograd
+    keeps the same), which then skips recomputing the convolution.
+    """
+    out, mean, rstd, z = CAUSAL_CONV1D_LN_RELU.call_forward(
+        backend, x, weight, bias, ln_weight, ln_bias, residual, dilation, eps
+    )
+    return out, mean, rstd, none_to_empty(z, x)
 
 
 @_conv_ln_relu_op.register_fake
 def _(x, weight, bias, ln_weight, ln_bias, residual, dilation, eps, backend):
-    stats = x.new_empty(x.shape[0], x.shape[1], dtype=acc_dtype(x.dtype))
-    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0]), stats, torch.empty_like(stats)
+    B, T, c_out = x.shape[0], x.shape[1], weight.shape[0]
+    stats = x.new_empty(B, T, dtype=acc_dtype(x.dtype))
+    z = x.new_empty(B, T, c_out, dtype=acc_dtype(x.dtype)) if backend in SAVES_Z else x.new_empty(0)
+    return x.new_empty(B, T, c_out), stats, torch.empty_like(stats), z
 
 
 @torch.library.custom_op("cprec::causal_conv1d_ln_relu_backward", mutates_args=())
@@ -138,18 +154,24 @@ def _conv_ln_relu_backward_op(
     ln_bias: Optional[Tensor],
     mean: Tensor,
     rstd: Tensor,
+    z: Tensor,
     dilation: int,
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Only a backend in SAVES_Z takes z (as its last argument); an empty z is never
+    # passed, so those backends recompute it exactly when the forward kept none.
+    saved_z = () if empty_to_none(z) is None else (z,)
+    if saved_z and backend not in SAVES_Z:
+        raise ValueError(f"the {backend} backend recomputes z and takes none; pass an empty z")
     grads = CAUSAL_CONV1D_LN_RELU.call_backward(
-        backend, grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps
+        backend, grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps, *saved_z
     )
     return tuple(none_to_empty(g, x).contiguous() for g in grads)
 
 
 @_conv_ln_relu_backward_op.register_fake
-def _(grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps, backend):
+def _(grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, z, dilation, eps, backend):
     return (
         torch.empty_like(x),
         torch.empty_like(weight),
@@ -161,17 +183,17 @@ def _(grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, dilation, eps, back
 
 def _ln_setup(ctx, inputs, output):
     x, weight, bias, ln_weight, ln_bias, residual, dilation, eps, backend = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias, mean, rstd)
+    _, mean, rstd, z = output
+    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias, mean, rstd, z)
     ctx.has_residual = residual is not None
     ctx.dilation, ctx.eps, ctx.backend = dilation, eps, backend
 
 
-def _ln_backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, weight, bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+def _ln_backward(ctx, grad, _grad_mean, _grad_rstd, _grad_z):
+    x, weight, bias, ln_weight, ln_bias, mean, rstd, z = ctx.saved_tensors
     grad = grad.contiguous()
     gx, gw, gb, glw, glb = _conv_ln_relu_backward_op(
-        grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, ctx.dilation, ctx.eps, ctx.backend
+        grad, x, weight, bias, ln_weight, ln_bias, mean, rstd, z, ctx.dilation, ctx.eps, ctx.backend
     )
     g_res = grad if ctx.has_residual else None
     p = grad_if_given
@@ -197,6 +219,8 @@ def causal_conv1d_ln_relu(
     x: [B, T, C_in], weight: [C_out, C_in, K], bias, ln_weight, ln_bias: [C_out] or
     None, residual: [B, T, C_out] or None (added after the ReLU) -> [B, T, C_out].
     LayerNorm runs over C_out with ``eps``; this is NextItNet's conv layer.
+    Memory: under autograd the cpu backend keeps the conv output z ([B, T, C_out], as
+    the eager reference's autograd does) so its backward need not recompute the conv.
     """
     check_conv_args(x, weight, bias, dilation)
     c_out = weight.shape[0]
@@ -209,7 +233,7 @@ def causal_conv1d_ln_relu(
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     name = CAUSAL_CONV1D_LN_RELU.resolve(backend, x.device, x.dtype)
-    out, _, _ = _conv_ln_relu_op(
+    out = _conv_ln_relu_op(
         x.contiguous(), weight.contiguous(), bias, ln_weight, ln_bias, residual, dilation, float(eps), name
-    )
+    )[0]
     return out

@@ -87,8 +87,9 @@ def causal_conv1d_ln_relu_forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """out = relu(layer_norm(causal_conv1d(x))) (+ residual).
 
-    -> (out [B, T, Co], mean [B, T], rstd [B, T]); the statistics are in the
-    accumulation dtype and are what the backward needs besides the inputs.
+    -> (out [B, T, Co], mean [B, T], rstd [B, T], None); the statistics are in the
+    accumulation dtype and are what the backward needs besides the inputs. The last
+    entry is the saved z of the op schema: the reference recomputes z instead.
     """
     a = acc_dtype(x.dtype)
     z = _conv(x.to(a), weight.to(a), cast_or_none(bias, a), dilation)
@@ -101,7 +102,7 @@ def causal_conv1d_ln_relu_forward(
     out = torch.relu(h)
     if residual is not None:
         out = out + residual.to(a)
-    return out.to(x.dtype), mean, rstd
+    return out.to(x.dtype), mean, rstd, None
 
 
 def causal_conv1d_ln_relu_backward(

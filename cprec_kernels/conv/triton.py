@@ -566,7 +566,8 @@ def causal_conv1d_ln_relu_forward(
     dilation: int,
     eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (out [B, T, Co] in x's dtype, mean [B, T], rstd [B, T] in the accumulation dtype)."""
+    """-> (out [B, T, Co] in x's dtype, mean [B, T], rstd [B, T] in the accumulation dtype,
+    None: no saved z, the backward kernel recomputes it)."""
     B, T, Ci = x.shape
     Co, _, K = weight.shape
     _check_width(Co)
@@ -583,7 +584,7 @@ def causal_conv1d_ln_relu_forward(
         HAS_RES=residual is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,
         MMA=mma, SPLIT=tiles.block_n < Co, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    return out, mean, rstd
+    return out, mean, rstd, None
 
 
 def causal_conv1d_ln_relu_backward(

@@ -32,9 +32,19 @@ void check_conv() {
   const auto want = at::conv1d(padded, w, b, stride, padding, dilation).transpose(1, 2);
   using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t);
   expect_close("causal_conv1d_forward (dispatcher)", op<Sig>("cprec_cpu::causal_conv1d_forward").call(x, w, b, dil), want);
-  const auto [out, mean, rstd] = cprec::cpu::causal_conv1d_ln_relu_forward(x, w, b, std::nullopt, std::nullopt,
-                                                                          std::nullopt, dil, 1e-8);
+  const auto [out, mean, rstd, z] = cprec::cpu::causal_conv1d_ln_relu_forward(x, w, b, std::nullopt, std::nullopt,
+                                                                             std::nullopt, dil, 1e-8);
   expect_close("causal_conv1d_ln_relu_forward", out, at::relu(at::layer_norm(want, {6}, {}, {}, 1e-8)));
+  expect_close("causal_conv1d_ln_relu_forward z", z, want);
+  // The backward from the saved z and the one that recomputes it agree.
+  const auto g = at::randn_like(out);
+  const auto saved = cprec::cpu::causal_conv1d_ln_relu_backward(g, x, w, b, std::nullopt, std::nullopt, mean, rstd,
+                                                                z, dil, 1e-8);
+  const auto recomputed = cprec::cpu::causal_conv1d_ln_relu_backward(g, x, w, b, std::nullopt, std::nullopt, mean,
+                                                                     rstd, std::nullopt, dil, 1e-8);
+  expect_close("causal_conv1d_ln_relu_backward grad_x (saved z)", std::get<0>(saved), std::get<0>(recomputed));
+  expect_close("causal_conv1d_ln_relu_backward grad_w (saved z)", std::get<1>(saved), std::get<1>(recomputed));
+  expect_close("causal_conv1d_ln_relu_backward grad_b (saved z)", std::get<2>(saved), std::get<2>(recomputed));
 }
 
 void check_embedding() {

@@ -250,7 +250,8 @@ T combine_row(T* dst, int64_t n, const T* coef, const T* const* src, const T* bi
 }
 
 // out[r] = relu(LN(bias + sum_k coef_k * src_k) * g + b) + res[r], with the row stats;
-// z: a scratch row of C (L1-resident).
+// z: the row of C that receives the conv output (the saved z row; L1-resident while
+// this row is normalised).
 template <typename T>
 void ln_relu_row(int64_t r, int64_t n, const T* coef, const T* const* src, int64_t C, const T* bias, const T* g,
                  const T* b, const T* res, T* out, T* mean, T* rstd, double eps, T* z) {
@@ -321,10 +322,11 @@ void ln_relu_grad_row(T* o, T* z, const T* grad, T m, T rs, const T* g, const T*
 
 // ---- Fused forward ---------------------------------------------------------------
 //
-// z rows are never stored. A GEMM fills a buffer Y whose rows are linear pieces of z,
-// and the epilogue builds each z row in an L1-resident scratch row from a few Y rows
-// (bias + sum_i coef_i * Y_i), then runs LayerNorm + ReLU (+ residual) on it and writes
-// the output row once. Three ways to fill Y:
+// z is never built by a GEMM. A GEMM fills a buffer Y whose rows are linear pieces of z,
+// and the epilogue builds each z row from a few Y rows (bias + sum_i coef_i * Y_i) into
+// its row of the z output, runs LayerNorm + ReLU (+ residual) on it while it is in L1 and
+// writes the output row once. z is returned so the backward need not recompute it (one
+// [B, T, C_out] activation a layer, as the eager reference keeps). Three ways to fill Y:
 //
 // * direct, any K: ONE GEMM Y = x @ [W_k0^T | ... | W_{K-1}^T]: [B*T, C_in] x
 //   [C_in, K'*C_out] (taps with shift >= T dropped, K' <= K), and
@@ -530,29 +532,32 @@ void wino_conv(const T* x, const at::Tensor& V, int64_t C_in, int64_t C, const W
 }
 
 // ln_relu_row for every row, in parallel; gather(r, coef, src) names the terms of row r
-// and returns their count (<= max_terms).
+// and returns their count (<= max_terms). Row r of z [rows, C] receives the conv output.
 template <typename T, typename Gather>
 void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather& gather, const T* bias,
-                        const T* g, const T* b, const T* res, T* out, T* mean, T* rstd, double eps) {
+                        const T* g, const T* b, const T* res, T* out, T* mean, T* rstd, T* z, double eps) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * max_terms, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> z(C), coef(max_terms);
+    std::vector<T> coef(max_terms);
     std::vector<const T*> src(max_terms);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = gather(r, coef.data(), src.data());
-      ln_relu_row<T>(r, n, coef.data(), src.data(), C, bias, g, b, res, out, mean, rstd, eps, z.data());
+      ln_relu_row<T>(r, n, coef.data(), src.data(), C, bias, g, b, res, out, mean, rstd, eps, z + r * C);
     }
   });
 }
 
 // ---- Backward ----------------------------------------------------------------------
 //
-// Given gz = d loss / d z: [N, C_out] (the fused op makes it first from the recomputed z
-// in the row pass that runs LN + ReLU backward; the plain op gets it), three products:
+// Given gz = d loss / d z: [N, C_out] (the fused op makes it first in the row pass that
+// runs LN + ReLU backward, from the z its forward saved, else from z recomputed; the
+// plain op gets it), three products:
 //   grad_x[t] = sum_k gz[t + s_k] @ W_k        (anti-causal: a causal conv in reversed time)
 //   grad_W_k  = sum_t gz[t]^T x[t - s_k]       (a correlation, C_out x C_in per tap)
 //   grad_bias = sum_t gz[t]                    (column sums in the gz row pass)
 // Both ops pick by size as the forward does (use_winograd_backward):
+// With the saved z the row pass reads z rows and the products below follow (the same as
+// the plain op's); without it (a direct call with no z):
 // * Winograd, K = 3: pass A recomputes z tile by tile as the forward does and runs the
 //   LN/ReLU backward on each output row as soon as the epilogue has assembled it (gz
 //   rows written once, bias/LN column sums in the same pass). Pass B is the forward's
@@ -567,7 +572,7 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 //   through the recomputed z, max 2.6e-5, rms 5e-6 (1.5e-5, 2e-6; entries up to 96).
 // * im2col, any K and any N (few rows, K != 3, or dilations close to T): cols [N, C_in*K]
 //   of x and ONE GEMM per product, all against the weight in its own layout
-//   Wf = W.view(C_out, C_in*K): z = cols @ Wf^T, grad_W = gz^T @ cols ([C_out, N] x
+//   Wf = W.view(C_out, C_in*K): z = cols @ Wf^T (without a saved z), grad_W = gz^T @ cols ([C_out, N] x
 //   [N, C_in*K]), grad_cols = gz @ Wf ([N, C_out] x [C_out, C_in*K]) and grad_x the
 //   K shifted slices of grad_cols summed (col2im).
 
@@ -577,8 +582,12 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 // (forward, pass A, pass B) and 2.31 ms for grad_W by F(3,2): 7.7 ms a layer with no
 // transform, epilogue or LayerNorm at all, against 11.4-15.8 ms for the eager reference's
 // forward+backward in the same runs (1.5-2.1x at best); we measure 12-14.5 ms (2.6-2.9
-// fwd, 8.8-9.0 bwd, ~1 ms in the Python op layer). Pass A (recomputing z: the op schema saves no z) is
-// 1.80 ms of that floor; without it the floor is 5.9 ms.
+// fwd, 8.8-9.0 bwd, ~1 ms in the Python op layer). Pass A (recomputing z) was 1.80 ms
+// of that floor; the op now saves z, which takes pass A out: the floor is 5.9 ms.
+// Measured with the saved z (CPU time, 1 thread, min of 3 interleaved rounds of 10 on a
+// 2-core machine at load ~9, so rough): fwd+bwd at B = 16, T = 50, dilations 1-8
+// 9.6-11.4 ms (12.0-14.1 recomputing z; eager 12.7-14.8: 1.16-1.37x), at B = 32,
+// T = 100 33.0-36.8 ms (38.9-47.6; eager 51-55: 1.39-1.61x).
 
 // Per-thread column sums of the backward row pass, [threads, C] each, summed at the end
 // in thread order (deterministic for a given thread count).
@@ -607,6 +616,20 @@ struct LnReluGradRows {
                         pz ? pz + off : nullptr, C);
   }
 };
+
+// The row pass over rows [0, N) whose z rows are z + r * C (one term each): the
+// im2col path's GEMM output, or the z the forward saved (then rows.bias is null).
+template <typename T>
+void ln_relu_grad_rows_from(const T* z, int64_t N, const LnReluGradRows<T>& rows) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / rows.C), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(rows.C);
+    const T one(1);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* src = z + r * rows.C;
+      rows(r, 1, &one, &src, scratch.data());
+    }
+  });
+}
 
 // grad_x [B, T, C_in] from grad_cols [N, C_in*K]: the K shifted slices summed.
 at::Tensor col2im(const at::Tensor& grad_cols, int64_t B, int64_t T, int64_t C_in, int64_t K, int64_t dilation) {
@@ -705,6 +728,17 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
   return combine_planes(gt, P.sum(0)).view({3, C, C_in}).permute({1, 2, 0}).contiguous();
 }
 
+// (grad_x, grad_W) of a conv from gz [N, C_out] (contiguous): pass B and F(3,2), or im2col.
+std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& gz, const at::Tensor& xc, const at::Tensor& wc,
+                                              int64_t dilation) {
+  const int64_t B = xc.size(0), T = xc.size(1), C = wc.size(0), K = wc.size(2);
+  if (use_winograd_backward(B, T, xc.size(2), C, K, dilation)) {
+    const auto V = wino_weights(wc.permute({2, 0, 1}));  // taps W_k: [C_out, C_in]
+    return {wino_grad_x(gz, V, B, T, dilation), wino_grad_w(gz, xc, dilation)};
+  }
+  return im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
+}
+
 }  // namespace
 
 at::Tensor causal_conv1d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -720,19 +754,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::
                                                                       const std::optional<at::Tensor>& bias,
                                                                       int64_t dilation) {
   check_conv(x, weight, dilation);
-  const int64_t B = x.size(0), T = x.size(1), C = weight.size(0), K = weight.size(2);
-  const auto xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t B = x.size(0), T = x.size(1), C = weight.size(0);
   const auto gz = grad_y.to(x.scalar_type()).reshape({B * T, C}).contiguous();
-  auto grad_b = present(bias) ? gz.sum(0) : absent(x);
-  if (use_winograd_backward(B, T, x.size(2), C, K, dilation)) {
-    const auto V = wino_weights(wc.permute({2, 0, 1}));  // taps W_k: [C_out, C_in]
-    return {wino_grad_x(gz, V, B, T, dilation), wino_grad_w(gz, xc, dilation), grad_b};
-  }
-  auto [grad_x, grad_w] = im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
-  return {grad_x, grad_w, grad_b};
+  auto [grad_x, grad_w] = conv_grads(gz, x.contiguous(), weight.contiguous(), dilation);
+  return {grad_x, grad_w, present(bias) ? gz.sum(0) : absent(x)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
     const std::optional<at::Tensor>& residual, int64_t dilation, double eps) {
@@ -742,6 +770,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
   const auto xc = x.contiguous();
   const auto bc = opt_contig(bias), lw = opt_contig(ln_weight), lb = opt_contig(ln_bias), res = opt_contig(residual);
   auto out = at::empty({B, T, C}, x.options());
+  auto z = at::empty({B, T, C}, x.options());  // saved for the backward (no recompute there)
   auto mean = at::empty({B, T}, x.options());
   auto rstd = at::empty({B, T}, x.options());
   const bool wino = use_winograd(B, T, C_in, C, K, dilation);
@@ -764,10 +793,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
     const T_* y = wino ? nullptr : Y.const_data_ptr<T_>();
     const T_ *pb = ptr_or_null<T_>(bc), *pg = ptr_or_null<T_>(lw), *pl = ptr_or_null<T_>(lb),
              *pr = ptr_or_null<T_>(res);
-    T_ *po = out.data_ptr<T_>(), *pm = mean.data_ptr<T_>(), *ps = rstd.data_ptr<T_>();
+    T_ *po = out.data_ptr<T_>(), *pm = mean.data_ptr<T_>(), *ps = rstd.data_ptr<T_>(), *pz = z.data_ptr<T_>();
     if (wino) {
-      auto row = [&](int64_t r, int64_t n, const T_* coef, const T_* const* src, T_* z) {
-        ln_relu_row<T_>(r, n, coef, src, C, pb, pg, pl, pr, po, pm, ps, eps, z);
+      auto row = [&](int64_t r, int64_t n, const T_* coef, const T_* const* src, T_*) {
+        ln_relu_row<T_>(r, n, coef, src, C, pb, pg, pl, pr, po, pm, ps, eps, pz + r * C);
       };
       wino_conv<T_>(xc.const_data_ptr<T_>(), V, C_in, C, WinoTiles::of(B, T, dilation), row);
     } else {
@@ -788,16 +817,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
         }
         return n;
       };
-      fused_ln_relu_rows<T_>(N, C, std::max<int64_t>(K - k0, 1), gather, pb, pg, pl, pr, po, pm, ps, eps);
+      fused_ln_relu_rows<T_>(N, C, std::max<int64_t>(K - k0, 1), gather, pb, pg, pl, pr, po, pm, ps, pz, eps);
     }
   });
-  return {out, mean, rstd};
+  return {out, mean, rstd, z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
-    const at::Tensor& rstd, int64_t dilation, double eps) {
+    const at::Tensor& rstd, const std::optional<at::Tensor>& z, int64_t dilation, double eps) {
   check_conv(x, weight, dilation);
   const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2), C = weight.size(0), K = weight.size(2);
   const int64_t N = B * T;
@@ -806,6 +835,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
   const auto grad = grad_out.to(x.scalar_type()).contiguous();
   const auto m = mean.to(x.scalar_type()).contiguous(), rs = rstd.to(x.scalar_type()).contiguous();
   ColumnSums sums(C, bc.defined(), x.options());
+  const auto grad_bias = [&] { return bc.defined() ? sums.bias.sum(0) : absent(x); };
+  const auto grad_ln = [&](const at::Tensor& given, const at::Tensor& partial) {
+    return given.defined() ? partial.sum(0) : absent(x);
+  };
+  if (present(z) && z->numel() > 0) {  // the forward's z: the row pass reads it, no pass A
+    TORCH_CHECK(z->numel() == N * C, "causal_conv1d_ln_relu_backward: z must be [B, T, C_out] or empty");
+    const auto zc = z->to(x.scalar_type()).reshape({N, C}).contiguous();
+    at::Tensor gz = at::empty({N, C}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_ln_relu_backward_saved_z", [&] {
+      using T_ = scalar_t;
+      // bias null: the saved z already holds it.
+      const LnReluGradRows<T_> rows{gz.data_ptr<T_>(), grad.const_data_ptr<T_>(), m.const_data_ptr<T_>(),
+                                    rs.const_data_ptr<T_>(), nullptr, ptr_or_null<T_>(lw), ptr_or_null<T_>(lb),
+                                    sums.ln_w.data_ptr<T_>(), sums.ln_b.data_ptr<T_>(),
+                                    bc.defined() ? sums.bias.data_ptr<T_>() : nullptr, C};
+      ln_relu_grad_rows_from<T_>(zc.const_data_ptr<T_>(), N, rows);
+    });
+    auto [grad_x, grad_w] = conv_grads(gz, xc, wc, dilation);
+    return {grad_x, grad_w, grad_bias(), grad_ln(lw, sums.ln_w), grad_ln(lb, sums.ln_b)};
+  }
   const bool wino = use_winograd_backward(B, T, C_in, C, K, dilation);
   at::Tensor gz, grad_x, grad_w;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_ln_relu_backward", [&] {
@@ -826,20 +875,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
       const auto wf = wc.view({C, C_in * K});
       gz = at::mm(cols, wf.t());  // z without bias; the row pass turns it into gz in place
       rows.gz = gz.data_ptr<T_>();
-      const T_* z = gz.const_data_ptr<T_>();
-      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
-        std::vector<T_> scratch(C);
-        const T_ one(1);
-        for (int64_t r = begin; r < end; ++r) {
-          const T_* src = z + r * C;
-          rows(r, 1, &one, &src, scratch.data());
-        }
-      });
+      ln_relu_grad_rows_from<T_>(gz.const_data_ptr<T_>(), N, rows);
       std::tie(grad_x, grad_w) = im2col_backward(gz, cols, wf, xc, K, dilation);
     }
   });
-  return {grad_x, grad_w, bc.defined() ? sums.bias.sum(0) : absent(x),
-          lw.defined() ? sums.ln_w.sum(0) : absent(x), lb.defined() ? sums.ln_b.sum(0) : absent(x)};
+  return {grad_x, grad_w, grad_bias(), grad_ln(lw, sums.ln_w), grad_ln(lb, sums.ln_b)};
 }
 
 }  // namespace cprec::cpu

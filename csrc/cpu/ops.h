@@ -85,14 +85,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::
                                                                       const std::optional<at::Tensor>& bias,
                                                                       int64_t dilation);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
+// -> (out, mean, rstd, z): z [B, T, C_out] is the conv output before LayerNorm, kept so
+// the backward need not recompute it (one activation a layer of memory, as eager keeps).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
     const std::optional<at::Tensor>& residual, int64_t dilation, double eps);
 
+// z: the forward's z, or absent (None / empty) to recompute it from x.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
-    const at::Tensor& rstd, int64_t dilation, double eps);
+    const at::Tensor& rstd, const std::optional<at::Tensor>& z, int64_t dilation, double eps);
 
 }  // namespace cprec::cpu
