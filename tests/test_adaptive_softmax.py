@@ -293,3 +293,116 @@ def test_opcheck(backend):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     torch.library.opcheck(ops.adaptive_topk.default, (h.detach(), hw.detach(), None, [p.detach() for p in tp],
                                                       [w.detach() for w in tw], cutoffs, 5, None, backend))
+
+
+# --------------------------------------------------------------------------------------
+# the cpu loss that saves its softmax statistics (csrc/cpu/adaptive_softmax.cpp)
+# --------------------------------------------------------------------------------------
+# forward -> (loss, head_lse [N], tail_lse [N]): head_lse is the log-sum-exp of each
+# row's head logits, tail_lse that of its target tail cluster's logits (0 for head
+# targets and ignored rows). The backward takes both instead of recomputing them.
+STATS_CUTOFFS = [7, 20, 45, 61]
+
+
+def stats_case(dtype, bias, empty_cluster, seed, n=41, d=24):
+    """(hidden, target, head_weight, head_bias, projs, tails, cutoffs): a non-contiguous
+    hidden [n, d], targets with 5 ignored rows; with ``empty_cluster`` no target falls in
+    the second tail [20, 45)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    cutoffs = STATS_CUTOFFS
+    dims = [max(1, d // 2 ** (i + 1)) for i in range(len(cutoffs) - 1)]
+    head_w = rand(cutoffs[0] + len(dims), d, scale=d**-0.5)
+    head_b = rand(cutoffs[0] + len(dims)) if bias else None
+    projs = [rand(di, d, scale=d**-0.5) for di in dims]
+    tails = [rand(hi - lo, di) for lo, hi, di in zip(cutoffs, cutoffs[1:], dims)]
+    hidden = rand(d, n).t()
+    target = torch.randint(0, cutoffs[-1], (n,), generator=g)
+    if empty_cluster:
+        target = torch.where((target >= 20) & (target < 45), target % 7, target)
+    target[torch.randperm(n, generator=g)[:5]] = -100
+    return hidden, target, head_w, head_b, projs, tails, cutoffs
+
+
+def expected_stats(hidden, target, head_w, head_b, projs, tails, cutoffs):
+    """float64 log-sum-exps of the head logits and of each row's target cluster (0 elsewhere)."""
+    h = hidden.double()
+    head = torch.logsumexp(torch.nn.functional.linear(h, head_w.double(), None if head_b is None else head_b.double()),
+                           dim=1)
+    tail = torch.zeros_like(head)
+    for lo, hi, proj, weight in zip(cutoffs, cutoffs[1:], projs, tails):
+        rows = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
+        tail[rows] = torch.logsumexp(h[rows] @ proj.double().t() @ weight.double().t(), dim=1)
+    return head, tail
+
+
+def _flat_grads(grads, bias):
+    gh, ghw, ghb, gtp, gtw = grads
+    return [gh, ghw, ghb if bias else None, *gtp, *gtw]
+
+
+def _cpu_ops():
+    from cprec_kernels._core.cpu_extension import ops
+
+    return ops
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias,empty_cluster", [(True, False), (False, True)], ids=["bias", "empty-tail"])
+def test_cpu_stats_forward_and_backward_match_reference(backend, dtype, reduction, bias, empty_cluster):
+    from cprec_kernels.adaptive_softmax import reference
+
+    ops = _cpu_ops()
+    case = stats_case(dtype, bias, empty_cluster, seed=len(reduction) + 2 * bias + (dtype == torch.float32))
+    hidden, target, head_w, head_b, projs, tails, cutoffs = case
+    up = [hidden.double(), target, head_w.double(), None if head_b is None else head_b.double(),
+          [p.double() for p in projs], [t.double() for t in tails], cutoffs]
+
+    loss, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, reduction)
+    assert loss.dtype == head_lse.dtype == tail_lse.dtype == dtype
+    assert head_lse.shape == tail_lse.shape == (hidden.shape[0],)
+    assert_all_close([loss, head_lse, tail_lse],
+                     [reference.adaptive_softmax_loss_forward(*up, -100, reduction), *expected_stats(*case)],
+                     dtype, "stats forward")
+    # The loss is the old op's, value for value.
+    torch.testing.assert_close(loss, ops.adaptive_softmax_loss_forward(*case, -100, reduction), rtol=0, atol=0)
+
+    grad_loss = (torch.randn(hidden.shape[0], dtype=dtype) if reduction == "none"
+                 else torch.tensor(1.7, dtype=dtype))
+    got = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, reduction, head_lse, tail_lse)
+    want = reference.adaptive_softmax_loss_backward(grad_loss.double(), *up, -100, reduction)
+    assert_all_close(_flat_grads(got, bias), _flat_grads(want, bias), dtype, "stats backward")
+    if empty_cluster:
+        assert torch.count_nonzero(got[3][1]) == 0 and torch.count_nonzero(got[4][1]) == 0
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+def test_cpu_stats_backward_uses_the_given_statistics(backend):
+    """Shifted statistics rescale the softmax terms: the gradients must move, so the
+    backward reads them rather than recomputing them."""
+    ops = _cpu_ops()
+    case = stats_case(torch.float64, True, False, seed=3)
+    _, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, "sum")
+    grad_loss = torch.tensor(1.0, dtype=torch.float64)
+    base = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, "sum", head_lse, tail_lse)
+    head_shift = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, "sum", head_lse + 1, tail_lse)
+    tail_shift = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, "sum", head_lse, tail_lse + 1)
+    assert not torch.allclose(base[1], head_shift[1])  # head weight gradient
+    assert torch.equal(base[4][0], head_shift[4][0])  # tails do not read head_lse
+    assert not torch.allclose(base[4][0], tail_shift[4][0])  # first tail's weight gradient
+    assert torch.equal(base[1], tail_shift[1])
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+@pytest.mark.parametrize("bad,exc", [("dtype", TypeError), ("shape", ValueError)])
+def test_cpu_stats_backward_rejects_bad_statistics(backend, bad, exc):
+    ops = _cpu_ops()
+    case = stats_case(torch.float32, True, False, seed=5)
+    _, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, "mean")
+    wrong = head_lse.double() if bad == "dtype" else head_lse[:-1]
+    with pytest.raises(exc, match="head_lse"):
+        ops.adaptive_softmax_loss_stats_backward(torch.tensor(1.0), *case, -100, "mean", wrong, tail_lse)
