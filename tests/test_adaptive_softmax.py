@@ -286,6 +286,13 @@ def test_opcheck(backend):
     for reduction in ("mean", "sum", "none"):
         torch.library.opcheck(ops.adaptive_softmax_loss.default, (h, t, hw, hb, tp, tw, cutoffs, -100, reduction,
                                                                   backend))
+        _, head_lse, tail_lse = ops.adaptive_softmax_loss(h, t, hw, hb, tp, tw, cutoffs, -100, reduction, backend)
+        assert not head_lse.requires_grad and not tail_lse.requires_grad
+        grad = torch.randn(6 if reduction == "none" else (), device=DEVICE)
+        # The backward op has no double backward: check it on detached inputs.
+        args = (grad, h, t, hw, hb, tp, tw, cutoffs, -100, reduction, head_lse, tail_lse, backend)
+        torch.library.opcheck(ops.adaptive_softmax_loss_backward.default, torch.utils._pytree.tree_map_only(
+            torch.Tensor, torch.Tensor.detach, args))
     torch.library.opcheck(ops.adaptive_log_prob.default, (h, hw, None, tp, tw, cutoffs, backend))
     ex = torch.tensor([[0, -1]] * 6, device=DEVICE)
     # top-k's ids are not differentiable: leave out the tests that differentiate every output.
@@ -296,7 +303,7 @@ def test_opcheck(backend):
 
 
 # --------------------------------------------------------------------------------------
-# the cpu loss that saves its softmax statistics (csrc/cpu/adaptive_softmax.cpp)
+# the loss that saves its softmax statistics
 # --------------------------------------------------------------------------------------
 # forward -> (loss, head_lse [N], tail_lse [N]): head_lse is the log-sum-exp of each
 # row's head logits, tail_lse that of its target tail cluster's logits (0 for head
@@ -344,53 +351,61 @@ def _flat_grads(grads, bias):
     return [gh, ghw, ghb if bias else None, *gtp, *gtw]
 
 
-def _cpu_ops():
-    from cprec_kernels._core.cpu_extension import ops
+def stats_case_for(backend, *args, **kwargs):
+    """stats_case on DEVICE. The custom op takes contiguous inputs (the public function
+    makes them so); the C++ kernels also read strided ones, so cpu keeps the strided hidden."""
+    hidden, target, head_w, head_b, projs, tails, cutoffs = stats_case(*args, **kwargs)
+    hidden = hidden.to(DEVICE) if backend == "cpu" else hidden.contiguous().to(DEVICE)
+    return (hidden, target.to(DEVICE), head_w.to(DEVICE), None if head_b is None else head_b.to(DEVICE),
+            [p.to(DEVICE) for p in projs], [w.to(DEVICE) for w in tails], cutoffs)
 
-    return ops
 
-
-@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias,empty_cluster", [(True, False), (False, True)], ids=["bias", "empty-tail"])
-def test_cpu_stats_forward_and_backward_match_reference(backend, dtype, reduction, bias, empty_cluster):
+def test_loss_statistics_forward_and_backward(backend, dtype, reduction, bias, empty_cluster):
+    """cprec::adaptive_softmax_loss -> (loss, head_lse, tail_lse) against the float64
+    reference and log-sum-exps computed here; its backward op, given them, against the
+    reference backward."""
     from cprec_kernels.adaptive_softmax import reference
 
-    ops = _cpu_ops()
-    case = stats_case(dtype, bias, empty_cluster, seed=len(reduction) + 2 * bias + (dtype == torch.float32))
+    case = stats_case_for(backend, dtype, bias, empty_cluster, seed=len(reduction) + 2 * bias + (dtype == torch.float32))
     hidden, target, head_w, head_b, projs, tails, cutoffs = case
     up = [hidden.double(), target, head_w.double(), None if head_b is None else head_b.double(),
           [p.double() for p in projs], [t.double() for t in tails], cutoffs]
+    ops = torch.ops.cprec
 
-    loss, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, reduction)
-    assert loss.dtype == head_lse.dtype == tail_lse.dtype == dtype
+    loss, head_lse, tail_lse = ops.adaptive_softmax_loss(*case, -100, reduction, backend)
+    a = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == head_lse.dtype == tail_lse.dtype == a
     assert head_lse.shape == tail_lse.shape == (hidden.shape[0],)
-    assert_all_close([loss, head_lse, tail_lse],
-                     [reference.adaptive_softmax_loss_forward(*up, -100, reduction), *expected_stats(*case)],
-                     dtype, "stats forward")
-    # The loss is the old op's, value for value.
-    torch.testing.assert_close(loss, ops.adaptive_softmax_loss_forward(*case, -100, reduction), rtol=0, atol=0)
+    want_loss, *_ = reference.adaptive_softmax_loss_forward(*up, -100, reduction)
+    assert_all_close([loss, head_lse, tail_lse], [want_loss, *expected_stats(*case)], dtype, "stats forward")
 
-    grad_loss = (torch.randn(hidden.shape[0], dtype=dtype) if reduction == "none"
-                 else torch.tensor(1.7, dtype=dtype))
-    got = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, reduction, head_lse, tail_lse)
-    want = reference.adaptive_softmax_loss_backward(grad_loss.double(), *up, -100, reduction)
+    grad_loss = (torch.randn(hidden.shape[0], dtype=a) if reduction == "none" else torch.tensor(1.7, dtype=a))
+    grad_loss = grad_loss.to(DEVICE)
+    got = ops.adaptive_softmax_loss_backward(grad_loss, *case, -100, reduction, head_lse, tail_lse, backend)
+    want = reference.adaptive_softmax_loss_backward(grad_loss.double(), *up, -100, reduction,
+                                                    *expected_stats(*case))
     assert_all_close(_flat_grads(got, bias), _flat_grads(want, bias), dtype, "stats backward")
     if empty_cluster:
         assert torch.count_nonzero(got[3][1]) == 0 and torch.count_nonzero(got[4][1]) == 0
 
 
-@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
-def test_cpu_stats_backward_uses_the_given_statistics(backend):
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS))
+def test_loss_backward_uses_the_given_statistics(backend, dtype):
     """Shifted statistics rescale the softmax terms: the gradients must move, so the
     backward reads them rather than recomputing them."""
-    ops = _cpu_ops()
-    case = stats_case(torch.float64, True, False, seed=3)
-    _, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, "sum")
-    grad_loss = torch.tensor(1.0, dtype=torch.float64)
-    base = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, "sum", head_lse, tail_lse)
-    head_shift = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, "sum", head_lse + 1, tail_lse)
-    tail_shift = ops.adaptive_softmax_loss_stats_backward(grad_loss, *case, -100, "sum", head_lse, tail_lse + 1)
+    case = stats_case_for(backend, dtype, True, False, seed=3)
+    ops = torch.ops.cprec
+    _, head_lse, tail_lse = ops.adaptive_softmax_loss(*case, -100, "sum", backend)
+    grad_loss = torch.tensor(1.0, dtype=head_lse.dtype, device=DEVICE)
+
+    def backward(hl, tl):
+        return ops.adaptive_softmax_loss_backward(grad_loss, *case, -100, "sum", hl, tl, backend)
+
+    base, head_shift, tail_shift = backward(head_lse, tail_lse), backward(head_lse + 1, tail_lse), backward(
+        head_lse, tail_lse + 1)
     assert not torch.allclose(base[1], head_shift[1])  # head weight gradient
     assert torch.equal(base[4][0], head_shift[4][0])  # tails do not read head_lse
     assert not torch.allclose(base[4][0], tail_shift[4][0])  # first tail's weight gradient
@@ -400,7 +415,8 @@ def test_cpu_stats_backward_uses_the_given_statistics(backend):
 @pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
 @pytest.mark.parametrize("bad,exc", [("dtype", TypeError), ("shape", ValueError)])
 def test_cpu_stats_backward_rejects_bad_statistics(backend, bad, exc):
-    ops = _cpu_ops()
+    from cprec_kernels._core.cpu_extension import ops
+
     case = stats_case(torch.float32, True, False, seed=5)
     _, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, "mean")
     wrong = head_lse.double() if bad == "dtype" else head_lse[:-1]
