@@ -36,8 +36,9 @@ _MODULES = {
     "cpu": "cprec_kernels.adaptive_softmax.cpu",
 }
 # Since its backward takes the forward's log-sum-exps, the cpu loss measures faster than
-# the eager reference (1 thread, N = 4,096, V = 100k, d = 256: 585 ms vs 929 ms on a
-# loaded machine), so ``auto`` picks it.
+# the eager reference on 1 thread (N = 4,096, V = 100k, d = 256: 585 vs 929 ms, medians
+# on a machine loaded ~4x over its 2 cores), so ``auto`` picks it. On 2 threads under
+# that load it measured slower (1.9 s vs 1.5 s); re-measure on a quiet machine.
 ADAPTIVE_SOFTMAX_LOSS = BackendTable(
     "adaptive_softmax_loss", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward", _MODULES
 )
