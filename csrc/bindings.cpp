@@ -28,12 +28,6 @@ TORCH_LIBRARY(cprec_cpu, m) {
 #define CPREC_ADAPTIVE_PARAMS \
   "Tensor head_weight, Tensor? head_bias, Tensor[] tail_projections, Tensor[] tail_weights, int[] cutoffs"
 #define CPREC_ADAPTIVE_GRADS "(Tensor, Tensor, Tensor, Tensor[], Tensor[])"
-  m.def("adaptive_softmax_loss_forward(Tensor hidden, Tensor target, " CPREC_ADAPTIVE_PARAMS
-        ", int ignore_index, str reduction) -> Tensor",
-        &adaptive_softmax_loss_forward);
-  m.def("adaptive_softmax_loss_backward(Tensor grad_loss, Tensor hidden, Tensor target, " CPREC_ADAPTIVE_PARAMS
-        ", int ignore_index, str reduction) -> " CPREC_ADAPTIVE_GRADS,
-        &adaptive_softmax_loss_backward);
   m.def("adaptive_softmax_loss_stats_forward(Tensor hidden, Tensor target, " CPREC_ADAPTIVE_PARAMS
         ", int ignore_index, str reduction) -> (Tensor, Tensor, Tensor)",
         &adaptive_softmax_loss_stats_forward);

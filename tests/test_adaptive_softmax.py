@@ -333,6 +333,13 @@ def test_opcheck(backend):
     for reduction in ("mean", "sum", "none"):
         torch.library.opcheck(ops.adaptive_softmax_loss.default, (h, t, hw, hb, tp, tw, cutoffs, -100, reduction,
                                                                   backend))
+        _, head_lse, tail_lse = ops.adaptive_softmax_loss(h, t, hw, hb, tp, tw, cutoffs, -100, reduction, backend)
+        assert not head_lse.requires_grad and not tail_lse.requires_grad
+        grad = torch.randn(6 if reduction == "none" else (), device=DEVICE)
+        # The backward op has no double backward: check it on detached inputs.
+        args = (grad, h, t, hw, hb, tp, tw, cutoffs, -100, reduction, head_lse, tail_lse, backend)
+        torch.library.opcheck(ops.adaptive_softmax_loss_backward.default, torch.utils._pytree.tree_map_only(
+            torch.Tensor, torch.Tensor.detach, args))
     torch.library.opcheck(ops.adaptive_log_prob.default, (h, hw, None, tp, tw, cutoffs, backend))
     ex = torch.tensor([[0, -1]] * 6, device=DEVICE)
     # top-k's ids are not differentiable: leave out the tests that differentiate every output.
@@ -340,3 +347,125 @@ def test_opcheck(backend):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     torch.library.opcheck(ops.adaptive_topk.default, (h.detach(), hw.detach(), None, [p.detach() for p in tp],
                                                       [w.detach() for w in tw], cutoffs, 5, None, backend))
+
+
+# --------------------------------------------------------------------------------------
+# the loss that saves its softmax statistics
+# --------------------------------------------------------------------------------------
+# forward -> (loss, head_lse [N], tail_lse [N]): head_lse is the log-sum-exp of each
+# row's head logits, tail_lse that of its target tail cluster's logits (0 for head
+# targets and ignored rows). The backward takes both instead of recomputing them.
+STATS_CUTOFFS = [7, 20, 45, 61]
+
+
+def stats_case(dtype, bias, empty_cluster, seed, n=41, d=24):
+    """(hidden, target, head_weight, head_bias, projs, tails, cutoffs): a non-contiguous
+    hidden [n, d], targets with 5 ignored rows; with ``empty_cluster`` no target falls in
+    the second tail [20, 45)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    cutoffs = STATS_CUTOFFS
+    dims = [max(1, d // 2 ** (i + 1)) for i in range(len(cutoffs) - 1)]
+    head_w = rand(cutoffs[0] + len(dims), d, scale=d**-0.5)
+    head_b = rand(cutoffs[0] + len(dims)) if bias else None
+    projs = [rand(di, d, scale=d**-0.5) for di in dims]
+    tails = [rand(hi - lo, di) for lo, hi, di in zip(cutoffs, cutoffs[1:], dims)]
+    hidden = rand(d, n).t()
+    target = torch.randint(0, cutoffs[-1], (n,), generator=g)
+    if empty_cluster:
+        target = torch.where((target >= 20) & (target < 45), target % 7, target)
+    target[torch.randperm(n, generator=g)[:5]] = -100
+    return hidden, target, head_w, head_b, projs, tails, cutoffs
+
+
+def expected_stats(hidden, target, head_w, head_b, projs, tails, cutoffs):
+    """float64 log-sum-exps of the head logits and of each row's target cluster (0 elsewhere)."""
+    h = hidden.double()
+    head = torch.logsumexp(torch.nn.functional.linear(h, head_w.double(), None if head_b is None else head_b.double()),
+                           dim=1)
+    tail = torch.zeros_like(head)
+    for lo, hi, proj, weight in zip(cutoffs, cutoffs[1:], projs, tails):
+        rows = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
+        tail[rows] = torch.logsumexp(h[rows] @ proj.double().t() @ weight.double().t(), dim=1)
+    return head, tail
+
+
+def _flat_grads(grads, bias):
+    gh, ghw, ghb, gtp, gtw = grads
+    return [gh, ghw, ghb if bias else None, *gtp, *gtw]
+
+
+def stats_case_for(backend, *args, **kwargs):
+    """stats_case on DEVICE. The custom op takes contiguous inputs (the public function
+    makes them so); the C++ kernels also read strided ones, so cpu keeps the strided hidden."""
+    hidden, target, head_w, head_b, projs, tails, cutoffs = stats_case(*args, **kwargs)
+    hidden = hidden.to(DEVICE) if backend == "cpu" else hidden.contiguous().to(DEVICE)
+    return (hidden, target.to(DEVICE), head_w.to(DEVICE), None if head_b is None else head_b.to(DEVICE),
+            [p.to(DEVICE) for p in projs], [w.to(DEVICE) for w in tails], cutoffs)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias,empty_cluster", [(True, False), (False, True)], ids=["bias", "empty-tail"])
+def test_loss_statistics_forward_and_backward(backend, dtype, reduction, bias, empty_cluster):
+    """cprec::adaptive_softmax_loss -> (loss, head_lse, tail_lse) against the float64
+    reference and log-sum-exps computed here; its backward op, given them, against the
+    reference backward."""
+    from cprec_kernels.adaptive_softmax import reference
+
+    case = stats_case_for(backend, dtype, bias, empty_cluster, seed=len(reduction) + 2 * bias + (dtype == torch.float32))
+    hidden, target, head_w, head_b, projs, tails, cutoffs = case
+    up = [hidden.double(), target, head_w.double(), None if head_b is None else head_b.double(),
+          [p.double() for p in projs], [t.double() for t in tails], cutoffs]
+    ops = torch.ops.cprec
+
+    loss, head_lse, tail_lse = ops.adaptive_softmax_loss(*case, -100, reduction, backend)
+    a = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == head_lse.dtype == tail_lse.dtype == a
+    assert head_lse.shape == tail_lse.shape == (hidden.shape[0],)
+    want_loss, *_ = reference.adaptive_softmax_loss_forward(*up, -100, reduction)
+    assert_all_close([loss, head_lse, tail_lse], [want_loss, *expected_stats(*case)], dtype, "stats forward")
+
+    grad_loss = (torch.randn(hidden.shape[0], dtype=a) if reduction == "none" else torch.tensor(1.7, dtype=a))
+    grad_loss = grad_loss.to(DEVICE)
+    got = ops.adaptive_softmax_loss_backward(grad_loss, *case, -100, reduction, head_lse, tail_lse, backend)
+    want = reference.adaptive_softmax_loss_backward(grad_loss.double(), *up, -100, reduction,
+                                                    *expected_stats(*case))
+    assert_all_close(_flat_grads(got, bias), _flat_grads(want, bias), dtype, "stats backward")
+    if empty_cluster:
+        assert torch.count_nonzero(got[3][1]) == 0 and torch.count_nonzero(got[4][1]) == 0
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS))
+def test_loss_backward_uses_the_given_statistics(backend, dtype):
+    """Shifted statistics rescale the softmax terms: the gradients must move, so the
+    backward reads them rather than recomputing them."""
+    case = stats_case_for(backend, dtype, True, False, seed=3)
+    ops = torch.ops.cprec
+    _, head_lse, tail_lse = ops.adaptive_softmax_loss(*case, -100, "sum", backend)
+    grad_loss = torch.tensor(1.0, dtype=head_lse.dtype, device=DEVICE)
+
+    def backward(hl, tl):
+        return ops.adaptive_softmax_loss_backward(grad_loss, *case, -100, "sum", hl, tl, backend)
+
+    base, head_shift, tail_shift = backward(head_lse, tail_lse), backward(head_lse + 1, tail_lse), backward(
+        head_lse, tail_lse + 1)
+    assert not torch.allclose(base[1], head_shift[1])  # head weight gradient
+    assert torch.equal(base[4][0], head_shift[4][0])  # tails do not read head_lse
+    assert not torch.allclose(base[4][0], tail_shift[4][0])  # first tail's weight gradient
+    assert torch.equal(base[1], tail_shift[1])
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+@pytest.mark.parametrize("bad,exc", [("dtype", TypeError), ("shape", ValueError)])
+def test_cpu_stats_backward_rejects_bad_statistics(backend, bad, exc):
+    from cprec_kernels._core.cpu_extension import ops
+
+    case = stats_case(torch.float32, True, False, seed=5)
+    _, head_lse, tail_lse = ops.adaptive_softmax_loss_stats_forward(*case, -100, "mean")
+    wrong = head_lse.double() if bad == "dtype" else head_lse[:-1]
+    with pytest.raises(exc, match="head_lse"):
+        ops.adaptive_softmax_loss_stats_backward(torch.tensor(1.0), *case, -100, "mean", wrong, tail_lse)

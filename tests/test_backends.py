@@ -164,12 +164,15 @@ def test_explicit_cpu_backend_says_extension_not_built(monkeypatch):
 
 @pytest.mark.skipif(not module_loads("cprec_kernels.conv.cpu"), reason="the C++ extension is not built")
 def test_auto_takes_cpu_and_ops_are_registered(monkeypatch):
-    from cprec_kernels.adaptive_softmax import ADAPTIVE_TOPK
+    from cprec_kernels.adaptive_softmax import ADAPTIVE_SOFTMAX_LOSS, ADAPTIVE_TOPK
 
     monkeypatch.delenv("CPREC_BACKEND", raising=False)
     for table in (CAUSAL_CONV1D, BLOCKWISE_EMBEDDING, ADAPTIVE_TOPK):
         assert table.resolve(None, CPU) == "cpu"
         assert hasattr(torch.ops.cprec_cpu, table.forward)
+    # The loss's C++ ops carry its softmax statistics, hence their names.
+    assert ADAPTIVE_SOFTMAX_LOSS.resolve(None, CPU) == "cpu"
+    assert hasattr(torch.ops.cprec_cpu, "adaptive_softmax_loss_stats_forward")
 
 
 def _forget_cuda_backend(monkeypatch):

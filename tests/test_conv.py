@@ -333,3 +333,162 @@ def test_cpu_fused_backward_with_and_without_saved_z(backend, case):
     for saved in (noncontiguous(z), z.new_empty(0)):
         got = backward(*bwd_args, mean, rstd, saved, case[5], EPS, backend)
         assert_all_close(list(got), list(want), torch.float64, f"backward, z of {saved.numel()} entries")
+
+
+# --------------------------------------------------------------------------------------
+# cpu backward paths (csrc/cpu/conv.cpp, "Backward")
+# --------------------------------------------------------------------------------------
+# Both backwards take Winograd (F(4,3) for z and grad_x, F(3,2) for grad_W; K = 3, C_in
+# and C_out >= 32, B*T >= 64, 2*dilation < T, tiles of 4 overshooting T by at most a
+# third, as the forward does) or the im2col path (everything else). The cases sit on both
+# sides of each threshold, with dilated taps whose shift is inside T, odd widths (row
+# tails past the 8-lane loops), B = 1 and T = 1.
+BWD_WINOGRAD = [
+    (3, 37, 48, 40, 3, 1),  # partial last tiles
+    (2, 45, 40, 36, 3, 3),  # dilation not dividing T; shifts 3 and 6 inside T
+    (3, 37, 48, 40, 3, 5),  # 120 tile rows for 111
+    (3, 37, 48, 40, 3, 4),  # 144 tile rows for 111: under the padding limit (148)
+    (1, 64, 33, 35, 3, 1),  # B*T = 64, the smallest Winograd batch; odd widths
+    (2, 40, 32, 32, 3, 2),  # C = 32, the narrowest Winograd width
+]
+BWD_IM2COL = [
+    (3, 37, 48, 40, 3, 8),  # 192 tile rows for 111: over the backward's padding limit
+    (1, 63, 33, 35, 3, 1),  # B*T = 63
+    (2, 40, 31, 40, 3, 1),  # C_in = 31
+    (2, 40, 40, 31, 3, 1),  # C_out = 31
+    (2, 20, 40, 40, 3, 10),  # 2*dilation = T: the oldest tap only reaches past T
+    (2, 20, 40, 40, 3, 7),  # one tile per phase: 56 tile rows for 40; shift 7 inside T
+    (3, 37, 48, 40, 4, 3),  # K = 4
+    (1, 7, 36, 64, 4, 1),  # B*T < C_out (the forward's im2col path too)
+    (2, 9, 5, 3, 2, 50),  # every shifted tap past T
+    (2, 1, 5, 3, 3, 1),  # T = 1
+    (3, 5, 3, 7, 1, 1),  # K = 1
+]
+BWD_CASES = BWD_WINOGRAD + BWD_IM2COL
+# An independent formulation sums in another order: float32 against it gets 1e-3 / 1e-4.
+_F32_VS_MODULES = (1e-3, 1e-4)
+
+
+def _bwd_tensors(case, dtype, seed):
+    """x, w, b, LN weight and bias, residual and an upstream gradient, drawn in float64."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, ci, co, K, _ = case
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).mul_(scale).to(dtype)
+
+    return dict(x=rand(B, T, ci), w=rand(co, ci, K, scale=(ci * K) ** -0.5), b=rand(co), lw=rand(co), lb=rand(co),
+                res=rand(B, T, co), grad=rand(B, T, co))
+
+
+def _out_and_grads(out, upstream, leaves_):
+    """[out, then d(sum(out * upstream))/d leaf for each leaf (None where absent or unused)]."""
+    present = [t for t in leaves_ if t is not None]
+    got = iter(torch.autograd.grad((out * upstream).sum(), present, allow_unused=True))
+    return [out.detach()] + [next(got) if t is not None else None for t in leaves_]
+
+
+def _bwd_tol(dtype, oracle):
+    return _F32_VS_MODULES if oracle and dtype == torch.float32 else None
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+@pytest.mark.parametrize("case", BWD_CASES, ids=_ids(BWD_CASES))
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain-ln"])
+def test_cpu_fused_backward_paths(backend, dtype, case, affine):
+    """Values and every gradient through the public op: cpu vs the eager reference, and
+    cpu vs padded F.conv1d + F.layer_norm + relu (an independent formulation)."""
+    dil = case[-1]
+    t = _bwd_tensors(case, dtype, seed=sum(case) + affine)
+    lw, lb = (t["lw"], t["lb"]) if affine else (None, None)
+    results = []
+    for which in (backend, "torch", "modules"):
+        ls = [noncontiguous(v).requires_grad_() if v is not None else None
+              for v in (t["x"], t["w"], t["b"], lw, lb, t["res"])]
+        if which == "modules":
+            out = conv_ln_relu_by_modules(*ls[:5], dil, EPS, residual=ls[5])
+        else:
+            out = ck.causal_conv1d_ln_relu(*ls[:5], dil, EPS, residual=ls[5], backend=which)
+        results.append(_out_and_grads(out, t["grad"], ls))
+    assert_all_close(results[0], results[1], dtype, "cpu vs torch")
+    assert_all_close(results[0], results[2], dtype, "cpu vs modules", _bwd_tol(dtype, True))
+
+
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+@pytest.mark.parametrize("case", BWD_CASES, ids=_ids(BWD_CASES))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_cpu_fused_backward_kernel_noncontiguous(backend, case, with_bias):
+    """The C++ backward called directly with strided x, weight, grad and LN params (the
+    public op makes them contiguous first), in float64, against the reference."""
+    from cprec_kernels.conv import cpu
+
+    dil = case[-1]
+    t = _bwd_tensors(case, torch.float64, seed=3 * sum(case) + with_bias)
+    b = t["b"] if with_bias else None
+    _, mean, rstd, _ = reference.causal_conv1d_ln_relu_forward(t["x"], t["w"], b, t["lw"], t["lb"], None, dil, EPS)
+    nc = [noncontiguous(v) if v is not None else None for v in (t["grad"], t["x"], t["w"], b, t["lw"], t["lb"])]
+    got = cpu.causal_conv1d_ln_relu_backward(*nc, mean, rstd, dil, EPS)
+    want = reference.causal_conv1d_ln_relu_backward(t["grad"], t["x"], t["w"], b, t["lw"], t["lb"], mean, rstd,
+                                                    dil, EPS)
+    assert_all_close(list(got), list(want), torch.float64, "cpu kernel vs reference")
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(CAUSAL_CONV1D, ["cpu"]))
+@pytest.mark.parametrize("case", BWD_CASES, ids=_ids(BWD_CASES))
+def test_cpu_plain_backward_paths(backend, dtype, case):
+    dil = case[-1]
+    t = _bwd_tensors(case, dtype, seed=5 * sum(case))
+    results = []
+    for which in (backend, "torch", "padding"):
+        ls = [noncontiguous(v).requires_grad_() for v in (t["x"], t["w"], t["b"])]
+        if which == "padding":
+            out = conv_by_padding(*ls, dil)
+        else:
+            out = ck.causal_conv1d(*ls, dilation=dil, backend=which)
+        results.append(_out_and_grads(out, t["res"], ls))
+    assert_all_close(results[0], results[1], dtype, "cpu vs torch")
+    assert_all_close(results[0], results[2], dtype, "cpu vs padding", _bwd_tol(dtype, True))
+
+
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+@pytest.mark.parametrize("dil", [1, 2, 4])
+def test_cpu_fused_backward_nextitnet_width_float32(backend, dil):
+    """NextItNet's size (d = 256) in float32, against the float64 definition: at this
+    width the float32 direct sum of the eager reference itself misses 1e-5 absolute on
+    grad_W (sums of 200 rows, entries up to ~100), so the bound is relative to it:
+    Winograd's rounding (measured in conv.cpp) stays within 4x its rms error and 10x
+    its max error, on every gradient."""
+    from cprec_kernels.conv import cpu
+
+    case = (4, 50, 256, 256, 3, dil)
+    t = _bwd_tensors(case, torch.float64, seed=dil)
+    _, mean, rstd, _ = reference.causal_conv1d_ln_relu_forward(t["x"], t["w"], t["b"], t["lw"], t["lb"], None, dil, EPS)
+    args = [t["grad"], t["x"], t["w"], t["b"], t["lw"], t["lb"], mean, rstd]
+    exact = reference.causal_conv1d_ln_relu_backward(*args, dil, EPS)
+    f32 = [a.float() for a in args]
+    got = cpu.causal_conv1d_ln_relu_backward(*f32, dil, EPS)
+    eager = reference.causal_conv1d_ln_relu_backward(*f32, dil, EPS)
+    for name, g, e, want in zip(("x", "weight", "bias", "ln_weight", "ln_bias"), got, eager, exact):
+        err, floor = (g.double() - want).abs(), (e.double() - want).abs()
+        assert err.pow(2).mean().sqrt() <= 4 * floor.pow(2).mean().sqrt(), name
+        assert err.max() <= 10 * floor.max(), name
+
+
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+def test_cpu_fused_backward_thread_counts_agree(backend):
+    """The per-thread partial sums (Winograd grad_W, bias and LN grads) give the same
+    gradients, up to rounding, on 1 and 2 threads."""
+    from cprec_kernels.conv import cpu
+
+    t = _bwd_tensors((3, 41, 64, 64, 3, 3), torch.float64, seed=7)
+    _, mean, rstd, _ = reference.causal_conv1d_ln_relu_forward(t["x"], t["w"], t["b"], t["lw"], t["lb"], None, 3, EPS)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(list(cpu.causal_conv1d_ln_relu_backward(t["grad"], t["x"], t["w"], t["b"], t["lw"], t["lb"],
+                                                                mean, rstd, 3, EPS)))
+    finally:
+        torch.set_num_threads(threads)
+    assert_all_close(runs[0], runs[1], torch.float64, "1 vs 2 threads")

@@ -35,12 +35,12 @@ _MODULES = {
     "triton": "cprec_kernels.adaptive_softmax.triton",
     "cpu": "cprec_kernels.adaptive_softmax.cpu",
 }
-# The cpu loss measured slower than the eager reference on an idle 2-core machine
-# (bench/RESULTS.md: 294 ms vs 178 ms at N = 4,096, V = 100k, d = 256), so ``auto``
-# keeps the reference; backend="cpu" still runs it.
+# Since its backward takes the forward's log-sum-exps, the cpu loss measures faster than
+# the eager reference on 1 thread (N = 4,096, V = 100k, d = 256: 585 vs 929 ms, medians
+# on a machine loaded ~4x over its 2 cores), so ``auto`` picks it. On 2 threads under
+# that load it measured slower (1.9 s vs 1.5 s); re-measure on a quiet machine.
 ADAPTIVE_SOFTMAX_LOSS = BackendTable(
-    "adaptive_softmax_loss", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward", _MODULES,
-    auto_skip=("cpu",),
+    "adaptive_softmax_loss", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward", _MODULES
 )
 ADAPTIVE_LOG_PROB = BackendTable("adaptive_log_prob", "adaptive_log_prob_forward", "adaptive_log_prob_backward", _MODULES)
 # The selected log-probs are entries of the full matrix, so the top-k's backward is
@@ -94,7 +94,8 @@ def _loss_op(
     ignore_index: int,
     reduction: str,
     backend: str,
-) -> Tensor:
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (loss, head_lse [N], tail_lse [N]): the statistics are saved for the backward."""
     check_ids_in_range("target", target, cutoffs[-1], ignore=ignore_index)
     return ADAPTIVE_SOFTMAX_LOSS.call_forward(
         backend,
@@ -105,7 +106,10 @@ def _loss_op(
 @_loss_op.register_fake
 def _(hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend):
     shape = (hidden.shape[0],) if reduction == "none" else ()
-    return hidden.new_empty(shape, dtype=acc_dtype(hidden.dtype))
+    a = acc_dtype(hidden.dtype)
+    return hidden.new_empty(shape, dtype=a), hidden.new_empty(hidden.shape[0], dtype=a), hidden.new_empty(
+        hidden.shape[0], dtype=a
+    )
 
 
 @torch.library.custom_op("cprec::adaptive_softmax_loss_backward", mutates_args=())
@@ -120,31 +124,38 @@ def _loss_backward_op(
     cutoffs: List[int],
     ignore_index: int,
     reduction: str,
+    head_lse: Tensor,
+    tail_lse: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
     grads = ADAPTIVE_SOFTMAX_LOSS.call_backward(
         backend,
         grad, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
+        head_lse, tail_lse,
     )
     return _grads_out(grads, hidden)
 
 
 @_loss_backward_op.register_fake
-def _(grad, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend):
+def _(grad, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
+      head_lse, tail_lse, backend):
     return _fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights)
 
 
 def _loss_setup(ctx, inputs, output):
     hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend = inputs
-    _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_weights, target)
+    _, head_lse, tail_lse = output
+    # Their true gradients are never formed: a caller must not differentiate them.
+    ctx.mark_non_differentiable(head_lse, tail_lse)
+    _save_params(ctx, hidden, head_weight, head_bias, tail_projections, tail_weights, target, head_lse, tail_lse)
     ctx.cutoffs, ctx.ignore_index, ctx.reduction, ctx.backend = cutoffs, ignore_index, reduction, backend
 
 
-def _loss_backward(ctx, grad):
-    hidden, head_weight, head_bias, tail_projections, tail_weights, (target,) = _unpack_params(ctx)
+def _loss_backward(ctx, grad, _grad_head_lse, _grad_tail_lse):
+    hidden, head_weight, head_bias, tail_projections, tail_weights, (target, head_lse, tail_lse) = _unpack_params(ctx)
     grads = _loss_backward_op(
         grad.contiguous(), hidden, target, head_weight, head_bias, tail_projections, tail_weights,
-        ctx.cutoffs, ctx.ignore_index, ctx.reduction, ctx.backend,
+        ctx.cutoffs, ctx.ignore_index, ctx.reduction, head_lse, tail_lse, ctx.backend,
     )
     gh, ghw, ghb, gtp, gtw = _param_grads(grads, head_bias)
     return gh, None, ghw, ghb, gtp, gtw, None, None, None, None
@@ -351,10 +362,11 @@ def adaptive_softmax_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     name = ADAPTIVE_SOFTMAX_LOSS.resolve(backend, hidden.device, hidden.dtype)
-    return _loss_op(
+    loss, _, _ = _loss_op(
         hidden.contiguous(), target.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, int(ignore_index), reduction, name,
     )
+    return loss
 
 
 def adaptive_log_prob(

@@ -25,15 +25,18 @@ def adaptive_softmax_loss_forward(
     hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction
 ):
     h, *rest = _params_in(hidden, head_weight, head_bias, tail_projections, tail_weights)
-    return ops.adaptive_softmax_loss_forward(h, target, *rest, list(cutoffs), int(ignore_index), reduction)
+    return tuple(ops.adaptive_softmax_loss_stats_forward(h, target, *rest, list(cutoffs), int(ignore_index), reduction))
 
 
 def adaptive_softmax_loss_backward(
-    grad_loss, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction
+    grad_loss, hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction,
+    head_lse, tail_lse,
 ):
     params = (hidden, head_weight, head_bias, tail_projections, tail_weights)
     h, *rest = _params_in(*params)
-    grads = ops.adaptive_softmax_loss_backward(grad_loss, h, target, *rest, list(cutoffs), int(ignore_index), reduction)
+    grads = ops.adaptive_softmax_loss_stats_backward(
+        grad_loss, h, target, *rest, list(cutoffs), int(ignore_index), reduction, head_lse, tail_lse
+    )
     return _grads_out(grads, *params)
 
 

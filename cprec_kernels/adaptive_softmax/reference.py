@@ -104,28 +104,35 @@ def adaptive_softmax_loss_forward(
     cutoffs: Sequence[int],
     ignore_index: int,
     reduction: str,
-) -> Tensor:
-    """Negative log-likelihood -log p(target | hidden), each tail run on its rows only.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Negative log-likelihood -log p(target | hidden), each tail run on its rows only,
+    and the softmax statistics the backward takes instead of recomputing them.
 
-    hidden: [N, d], target: [N] -> [N] (reduction "none"; ignored rows give 0) or a
-    scalar ("sum"; "mean" over the rows not ignored), in the accumulation dtype.
+    hidden: [N, d], target: [N] -> (loss, head_lse [N], tail_lse [N]), all in the
+    accumulation dtype. loss: [N] (reduction "none"; ignored rows give 0) or a scalar
+    ("sum"; "mean" over the rows not ignored). head_lse: log-sum-exp of every row's head
+    logits; tail_lse: that of the row's target tail cluster (0 for head targets and
+    ignored rows).
     """
     a = acc_dtype(hidden.dtype)
     h = hidden.to(a)
     c1 = cutoffs[0]
-    head_lp = torch.log_softmax(_head_logits(h, head_weight.to(a), cast_or_none(head_bias, a)), dim=-1)
+    head_logits = _head_logits(h, head_weight.to(a), cast_or_none(head_bias, a))
+    head_lse = torch.logsumexp(head_logits, dim=-1)
     keep = target != ignore_index
     head_col = torch.where(keep, target, 0).clone()
     nll = torch.zeros(target.shape[0], dtype=a, device=hidden.device)
+    tail_lse = torch.zeros_like(nll)
     for i, ((lo, hi), proj, weight) in enumerate(zip(block_bounds(cutoffs)[1:], tail_projections, tail_weights)):
         rows = ((target >= lo) & (target < hi) & keep).nonzero().squeeze(1)
         head_col[rows] = c1 + i
         _, logits = _tail_logits(h[rows], proj.to(a), weight.to(a))
-        nll[rows] = -torch.log_softmax(logits, dim=-1).gather(1, (target[rows] - lo).unsqueeze(1)).squeeze(1)
-    nll = (nll - head_lp.gather(1, head_col.unsqueeze(1)).squeeze(1)) * keep
-    if reduction == "none":
-        return nll
-    return (nll * row_weights(target, ignore_index, reduction, a)).sum()
+        tail_lse[rows] = torch.logsumexp(logits, dim=-1)
+        nll[rows] = tail_lse[rows] - logits.gather(1, (target[rows] - lo).unsqueeze(1)).squeeze(1)
+    nll = (nll + head_lse - head_logits.gather(1, head_col.unsqueeze(1)).squeeze(1)) * keep
+    if reduction != "none":
+        nll = (nll * row_weights(target, ignore_index, reduction, a)).sum()
+    return nll, head_lse, tail_lse
 
 
 def adaptive_softmax_loss_backward(
@@ -139,11 +146,14 @@ def adaptive_softmax_loss_backward(
     cutoffs: Sequence[int],
     ignore_index: int,
     reduction: str,
+    head_lse: Tensor,
+    tail_lse: Tensor,
 ):
     """-> (grad_hidden, grad_head_weight, grad_head_bias, [grad_tail_projection], [grad_tail_weight]).
 
     d(-log p)/d logits = softmax - onehot, on the head for every row and on tail i
-    for its rows, scaled by the reduction's per-row factor.
+    for its rows, scaled by the reduction's per-row factor; the softmaxes are
+    exp(logits - lse) with the forward's statistics head_lse, tail_lse: [N].
     """
     a = acc_dtype(hidden.dtype)
     h = hidden.to(a)
@@ -157,7 +167,7 @@ def adaptive_softmax_loss_backward(
         rows = ((target >= lo) & (target < hi) & keep).nonzero().squeeze(1)
         head_col[rows] = c1 + i
         z, logits = _tail_logits(h[rows], proj.to(a), weight.to(a))
-        g_logits = torch.softmax(logits, dim=-1)
+        g_logits = torch.exp(logits - tail_lse[rows].to(a).unsqueeze(1))
         g_logits[torch.arange(rows.numel(), device=rows.device), target[rows] - lo] -= 1
         g_logits *= w[rows].unsqueeze(1)
         g_z, g_w = _linear_backward(g_logits, z, weight.to(a))
@@ -166,7 +176,7 @@ def adaptive_softmax_loss_backward(
         grad_tp.append(g_p.to(proj.dtype))
         grad_tw.append(g_w.to(weight.dtype))
     head_logits = _head_logits(h, head_weight.to(a), cast_or_none(head_bias, a))
-    g_head = torch.softmax(head_logits, dim=-1)
+    g_head = torch.exp(head_logits - head_lse.to(a).unsqueeze(1))
     g_head[torch.arange(h.shape[0], device=h.device), head_col] -= 1
     g_head *= w.unsqueeze(1)
     g_hh, g_hw = _linear_backward(g_head, h, head_weight.to(a))

@@ -593,11 +593,13 @@ def adaptive_softmax_loss_forward(
     cutoffs: Sequence[int],
     ignore_index: int,
     reduction: str,
-) -> Tensor:
-    """-log p(target | hidden): [N] ("none") or a scalar, float32."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(-log p(target | hidden): [N] ("none") or a scalar, head_lse [N], tail_lse [N]), float32."""
     _check_dtype(hidden)
     plan = _plan(target, cutoffs, ignore_index)
-    lse, picked = _lse(hidden, head_weight, head_bias, plan.head, plan.head_col)
+    # Every row's head statistic (ignored rows too), as the other backends give it; an
+    # ignored row's head column is past the head, so its picked logit is 0.
+    lse, picked = _lse(hidden, head_weight, head_bias, _all_rows(hidden.shape[0], hidden.device), plan.head_col)
     nll = lse - picked
     # Tail groups are disjoint, so every tail writes its rows of one pair of buffers.
     tail_lse, tail_picked = torch.zeros_like(lse), torch.zeros_like(lse)
@@ -606,9 +608,9 @@ def adaptive_softmax_loss_forward(
                      b_transposed=True, accumulate=False)
         _lse(z, weight, None, group, plan.local, tail_lse, tail_picked)
     nll = torch.where(plan.keep, nll + tail_lse - tail_picked, 0.0)
-    if reduction == "none":
-        return nll
-    return (nll * _row_weights(target, ignore_index, reduction, torch.float32)).sum()
+    if reduction != "none":
+        nll = (nll * _row_weights(target, ignore_index, reduction, torch.float32)).sum()
+    return nll, lse, tail_lse
 
 
 def adaptive_softmax_loss_backward(
@@ -622,29 +624,33 @@ def adaptive_softmax_loss_backward(
     cutoffs: Sequence[int],
     ignore_index: int,
     reduction: str,
+    head_lse: Tensor,
+    tail_lse: Tensor,
 ):
-    """-> (grad_hidden, grad_head_weight, grad_head_bias, [grad_tail_projection], [grad_tail_weight])."""
+    """-> (grad_hidden, grad_head_weight, grad_head_bias, [grad_tail_projection], [grad_tail_weight]);
+    the kernels read the forward's head_lse, tail_lse [N] (float32) instead of recomputing them."""
     _check_dtype(hidden)
     plan = _plan(target, cutoffs, ignore_index)
     coef = (grad_loss.float() * _row_weights(target, ignore_index, reduction, torch.float32)).contiguous()
     grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    lse, _ = _lse(hidden, head_weight, head_bias, plan.head)
-    head_grad = _Grad(lse, coef, plan.head_col)
+    head_grad = _Grad(head_lse.contiguous(), coef, plan.head_col)
     _grad_x(hidden, head_weight, head_bias, plan.head, head_grad, grad_h, accumulate=True)
     grad_hw, grad_hb = _grad_w(hidden, head_weight, head_bias, plan.head, head_grad)
     grad_tp, grad_tw = [], []
     for group, proj, weight in zip(plan.tails, tail_projections, tail_weights):
-        gp, gw = _tail_backward(hidden, proj, weight, group, coef, plan.local, None, grad_h)
+        gp, gw = _tail_backward(hidden, proj, weight, group, coef, plan.local, None, grad_h, tail_lse.contiguous())
         grad_tp.append(gp)
         grad_tw.append(gw)
     return grad_h.to(hidden.dtype), grad_hw, grad_hb, grad_tp, grad_tw
 
 
-def _tail_backward(hidden, proj, weight, group, coef, local, g, grad_h) -> Tuple[Tensor, Tensor]:
-    """Grads of one tail over the rows of ``group``; adds its share to grad_h (fp32)."""
+def _tail_backward(hidden, proj, weight, group, coef, local, g, grad_h, lse=None) -> Tuple[Tensor, Tensor]:
+    """Grads of one tail over the rows of ``group``; adds its share to grad_h (fp32).
+    ``lse``: the tail's log-sum-exps per row [N] when the forward saved them."""
     N = hidden.shape[0]
     z = _project(hidden, proj, group, hidden.new_empty(N, proj.shape[0], dtype=torch.float32), True, False)
-    lse, _ = _lse(z, weight, None, group)
+    if lse is None:
+        lse, _ = _lse(z, weight, None, group)
     grad = _Grad(lse, coef, local, g)
     grad_z = torch.empty_like(z)
     _grad_x(z, weight, None, group, grad, grad_z, accumulate=False)

@@ -273,15 +273,14 @@ at::Tensor checked_stats(const at::Tensor& stats, const at::Tensor& hidden, cons
   return stats.contiguous();
 }
 
-// The loss backward; head_lse / tail_lse [N]: the forward's statistics, or undefined to
-// recompute them (the tail's costs one more pass of logit GEMMs over the tail items).
+// The loss backward; head_lse / tail_lse [N]: the forward's statistics (recomputing the
+// tail's would cost one more pass of logit GEMMs over the tail items).
 AdaptiveGrads loss_backward(const at::Tensor& grad_loss, const Params& p, const Groups& g, const std::string& reduction,
-                            at::Tensor head_lse, const at::Tensor& tail_lse_rows) {
+                            const at::Tensor& head_lse, const at::Tensor& tail_lse_rows) {
   const auto& h = p.hidden;
   const auto w = row_weights(grad_loss, g, reduction, h.options());  // [N]
   // Head: G = w * (softmax(head) - onehot(col)), softmax = exp(logits - lse).
   auto G = head_logits(p, h);  // [N, H]
-  if (!head_lse.defined()) head_lse = at::logsumexp(G, {1});
   G.sub_(head_lse.unsqueeze(1)).exp_().mul_(w.unsqueeze(1));
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "adaptive_loss_head_onehot", [&] {
     scalar_t* gp = G.data_ptr<scalar_t>();
@@ -305,7 +304,7 @@ AdaptiveGrads loss_backward(const at::Tensor& grad_loss, const Params& p, const 
     const auto rows = long_tensor(g.rows[i]);
     const auto h_i = h.index_select(0, rows);          // [n_i, d]
     const auto z = at::mm(h_i, p.proj[i].t());          // [n_i, d_i]
-    const auto lse = (tail_lse_rows.defined() ? tail_lse_rows.index_select(0, rows) : tail_lse(z, F)).unsqueeze(1);
+    const auto lse = tail_lse_rows.index_select(0, rows).unsqueeze(1);
     const auto w_i = w.index_select(0, rows);           // [n_i]
     const auto w_col = w_i.unsqueeze(1);
     auto grad_z = at::zeros_like(z);
@@ -365,25 +364,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_softmax_loss_stats_forwa
     nll = reduction == "mean" ? total.div_(static_cast<double>(std::max<int64_t>(g.kept, 1))) : total;
   }
   return {nll, head_lse, tail_lse_rows};
-}
-
-at::Tensor adaptive_softmax_loss_forward(const at::Tensor& hidden, const at::Tensor& target,
-                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
-                                         at::TensorList tail_projections, at::TensorList tail_weights,
-                                         at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction) {
-  return std::get<0>(adaptive_softmax_loss_stats_forward(hidden, target, head_weight, head_bias, tail_projections,
-                                                         tail_weights, cutoffs, ignore_index, reduction));
-}
-
-AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
-                                             const at::Tensor& target, const at::Tensor& head_weight,
-                                             const std::optional<at::Tensor>& head_bias,
-                                             at::TensorList tail_projections, at::TensorList tail_weights,
-                                             at::IntArrayRef cutoffs, int64_t ignore_index,
-                                             const std::string& reduction) {
-  check_reduction(reduction);
-  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
-  return loss_backward(grad_loss, p, group_rows(p, target, ignore_index), reduction, at::Tensor(), at::Tensor());
 }
 
 AdaptiveGrads adaptive_softmax_loss_stats_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,

@@ -32,18 +32,6 @@ std::tuple<TensorVec, TensorVec> blockwise_embedding_backward(const at::Tensor& 
 //             [grad_tail_projection], [grad_tail_weight]).
 using AdaptiveGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, TensorVec, TensorVec>;
 
-at::Tensor adaptive_softmax_loss_forward(const at::Tensor& hidden, const at::Tensor& target,
-                                         const at::Tensor& head_weight, const std::optional<at::Tensor>& head_bias,
-                                         at::TensorList tail_projections, at::TensorList tail_weights,
-                                         at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction);
-
-AdaptiveGrads adaptive_softmax_loss_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
-                                             const at::Tensor& target, const at::Tensor& head_weight,
-                                             const std::optional<at::Tensor>& head_bias,
-                                             at::TensorList tail_projections, at::TensorList tail_weights,
-                                             at::IntArrayRef cutoffs, int64_t ignore_index,
-                                             const std::string& reduction);
-
 // The loss with its softmax statistics: (loss, head_lse [N], tail_lse [N]); head_lse:
 // log-sum-exp of each row's head logits; tail_lse: of the row's target tail cluster's
 // logits (0 where the target is in the head or ignored). The backward takes them
