@@ -58,6 +58,15 @@ def _linear_backward(g_out: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, 
     return g_out @ weight, g_out.t() @ x
 
 
+def _with_head_grads(g_head, h, hidden, head_weight, head_bias, grad_h, grad_tp, grad_tw) -> tuple:
+    """The backward's result once the head's logit grads g_head: [N, c1 + tails] are
+    known: grad_h (the tails' share so far) plus the head's, in the input dtypes."""
+    g_hh, g_hw = _linear_backward(g_head, h, head_weight.to(h.dtype))
+    grad_h += g_hh
+    grad_hb = g_head.sum(dim=0).to(head_bias.dtype) if head_bias is not None else None
+    return grad_h.to(hidden.dtype), g_hw.to(head_weight.dtype), grad_hb, grad_tp, grad_tw
+
+
 def adaptive_log_prob_backward(
     grad: Tensor,
     hidden: Tensor,
@@ -88,10 +97,7 @@ def adaptive_log_prob_backward(
         grad_tp.append(g_p.to(proj.dtype))
         grad_tw.append(g_w.to(weight.dtype))
     g_head = g_head_lp - torch.softmax(head_logits, dim=-1) * g_head_lp.sum(dim=1, keepdim=True)
-    g_hh, g_hw = _linear_backward(g_head, h, head_weight.to(a))
-    grad_h += g_hh
-    grad_hb = g_head.sum(dim=0).to(head_bias.dtype) if head_bias is not None else None
-    return grad_h.to(hidden.dtype), g_hw.to(head_weight.dtype), grad_hb, grad_tp, grad_tw
+    return _with_head_grads(g_head, h, hidden, head_weight, head_bias, grad_h, grad_tp, grad_tw)
 
 
 def adaptive_softmax_loss_forward(
@@ -179,10 +185,7 @@ def adaptive_softmax_loss_backward(
     g_head = torch.exp(head_logits - head_lse.to(a).unsqueeze(1))
     g_head[torch.arange(h.shape[0], device=h.device), head_col] -= 1
     g_head *= w.unsqueeze(1)
-    g_hh, g_hw = _linear_backward(g_head, h, head_weight.to(a))
-    grad_h += g_hh
-    grad_hb = g_head.sum(dim=0).to(head_bias.dtype) if head_bias is not None else None
-    return grad_h.to(hidden.dtype), g_hw.to(head_weight.dtype), grad_hb, grad_tp, grad_tw
+    return _with_head_grads(g_head, h, hidden, head_weight, head_bias, grad_h, grad_tp, grad_tw)
 
 
 def adaptive_topk_forward(
