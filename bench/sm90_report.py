@@ -134,7 +134,8 @@ def triton_rows() -> List[Tuple[str, str, Compiled]]:
                 except ValueError as err:  # a launcher refusing a size (e.g. the fused width cap)
                     rows.append(Compiled(kernel="(launcher)", error=f"ValueError: {err}"))
             for r in rows:
-                key = (op, r.kernel, tuple(sorted(r.constexprs.items())))
+                # The dtype is not a constexpr: bfloat16 and float16 share constexprs.
+                key = (op, dtype, r.kernel, tuple(sorted(r.constexprs.items())))
                 if key not in seen:
                     seen.add(key)
                     out.append((op, str(dtype).replace("torch.", ""), r))
@@ -209,7 +210,8 @@ def why(dtype: str, r: Compiled) -> str:
 
 
 def _tiles(constexprs: Dict[str, object]) -> str:
-    return " ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("KP", "CHUNK"))
+    return " ".join(f"{k}={v}" for k, v in constexprs.items()
+                    if k.startswith("BLOCK") or k in ("KP", "CHUNK", "SPLIT", "MMA", "PRECISION"))
 
 
 def markdown(triton_version: str, rows: List[Tuple[str, str, Compiled]], cuda: Optional[List[dict]]) -> str:
@@ -220,8 +222,11 @@ def markdown(triton_version: str, rows: List[Tuple[str, str, Compiled]], cuda: O
         "cuda:90 through the launchers, read from the cubin and PTX). A model of the hardware, not a measurement.",
         "Resident blocks/SM: the minimum of the register file (65,536), shared memory (228 KB, 1 KB reserved per "
         "block), 2,048 threads and 32 blocks. Stack: the stack frame per thread (cuobjdump); spill: "
-        "spill stores per thread (ptxas -v on the kernel's PTX, where there is a stack frame). float32 follows "
-        "torch's default matmul precision \"highest\" (IEEE: FMA, no tensor cores) unless the launcher chooses TF32.",
+        "spill stores per thread (ptxas -v on the kernel's PTX, where there is a stack frame). float32 rows compile "
+        "as the GPU runs them under torch's default flags, like eager: convolution kernels in TF32 "
+        "(`torch.backends.cudnn.allow_tf32`, True by default, which cuDNN's `F.conv1d` follows), matmul-shaped "
+        "kernels (embedding, adaptive softmax) in IEEE fp32 (default matmul precision \"highest\": FMA, no tensor "
+        "cores). The mode is in the tiles column (MMA/PRECISION).",
         "Rows marked with a \"why\" are bfloat16/float16 kernels not on wgmma at these sizes.",
         "",
         "## Triton kernels",
