@@ -42,12 +42,9 @@ ASM_N, ASM_V, ASM_D, ASM_CUTS, ASM_DIV, TOPK = 32_768, 1_000_000, 256, (0.02, 0.
 LOG_PROB_N = 512
 
 # Why a kernel stays off wgmma in bfloat16/float16 at these sizes (kernel name -> reason).
+# (The fused conv+LayerNorm kernels are on wgmma in bfloat16/float16 at d = 64, 256 and
+# 1024: 64-row tiles, rows wider than ROW_TILE split with a two-pass LayerNorm.)
 WHY = {
-    "_conv_ln_relu_fwd_kernel": "LayerNorm needs a whole output row per program; the tile is BLOCK_M rows x the "
-                                "whole row, and Triton emits wgmma only for 64-row tiles per warp group (BLOCK_M < 64 "
-                                "here, kept small so the fp32 accumulator of the whole row fits in registers)",
-    "_conv_ln_relu_bwd_kernel": "recomputes the forward tile (whole row per program, BLOCK_M < 64 rows), so the "
-                                "same limit as the fused forward applies",
     "_table_grad_kernel": "its M tile is CHUNK = 32 sorted positions (runs of equal ids are summed per chunk with "
                           "a [CHUNK, CHUNK] 0/1 product); wgmma needs 64 rows per warp group",
     "_rows_outer_kernel": "its M is the tail's width d_j (16 for the last tail at d = 256, div 4): no 64-row tile",
@@ -226,7 +223,8 @@ def markdown(triton_version: str, rows: List[Tuple[str, str, Compiled]], cuda: O
         "as the GPU runs them under torch's default flags, like eager: convolution kernels in TF32 "
         "(`torch.backends.cudnn.allow_tf32`, True by default, which cuDNN's `F.conv1d` follows), matmul-shaped "
         "kernels (embedding, adaptive softmax) in IEEE fp32 (default matmul precision \"highest\": FMA, no tensor "
-        "cores). The mode is in the tiles column (MMA/PRECISION).",
+        "cores). The mode is in the tiles column (MMA/PRECISION); half types ignore it (their dots run in the "
+        "half type on tensor cores).",
         "Rows marked with a \"why\" are bfloat16/float16 kernels not on wgmma at these sizes.",
         "",
         "## Triton kernels",
