@@ -15,9 +15,14 @@ re-read through L2 are free) and its GEMM FLOPs, in closed form.
 
 Time per kernel = max(bytes / 4.3 TB/s, FLOPs / rate); rates: bf16 790 TFLOP/s (dense,
 measured H200 matmul), float32 as eager runs it: TF32 494 TFLOP/s for cuDNN convolutions
-(``torch.backends.cudnn.allow_tf32`` is True by default), FP32 67 TFLOP/s for matmuls
-(matmul precision "highest") and for the fused kernels (IEEE). Launch overheads
-(~2-5 us per kernel) are left out, which flatters the eager sequences.
+(``torch.backends.cudnn.allow_tf32`` is True by default), and for the fused conv kernel,
+which follows the same flag; FP32 67 TFLOP/s for matmuls (matmul precision "highest") and
+for the fused embedding and adaptive-softmax kernels (IEEE, as eager's matmuls). Launch
+overheads (~2-5 us per kernel) are left out, which flatters the eager sequences.
+Rows wider than the fused conv's row tile (d = 1024 > 256) take its two-pass split: z is
+parked in the output and read back by the same program, 2 B*T*d elements of L2 traffic
+not counted here (a program's 64 rows are 128-256 KB, and all resident programs together
+stay under the H200's 50 MB L2).
 
     python bench/roofline.py            # prints the markdown table
     python bench/roofline.py --write    # replaces the roofline section of bench/RESULTS.md
@@ -148,7 +153,8 @@ def conv_ln_relu(B: int, T: int, d: int, s: int) -> Tuple[Callable[[], object], 
         return torch.relu(F.layer_norm(z, (d,), vec, vec, 1e-8)) + res
 
     flops = 2 * B * T * d * d * CONV_K
-    fused = Kernel("_conv_ln_relu_fwd_kernel", (3 * B * T * d + d * d * CONV_K + 3 * d) * s + 2 * B * T * 4, flops)
+    fused = Kernel("_conv_ln_relu_fwd_kernel", (3 * B * T * d + d * d * CONV_K + 3 * d) * s + 2 * B * T * 4, flops,
+                   conv=True)
     return eager, [fused]
 
 
@@ -222,8 +228,8 @@ def table(model: List[Dict[str, object]]) -> str:
         "### Roofline model of the H200 (a MODEL, not a measurement)",
         "",
         "Written by `python bench/roofline.py --write`; see its docstring for the counting. Per kernel "
-        "max(bytes / 4.3 TB/s, FLOPs / rate), bf16 790 TFLOP/s, float32 TF32 494 (cuDNN conv) or FP32 67 "
-        "TFLOP/s; launch overheads left out.",
+        "max(bytes / 4.3 TB/s, FLOPs / rate), bf16 790 TFLOP/s, float32 TF32 494 (cuDNN conv and the "
+        "fused conv, both following `cudnn.allow_tf32`) or FP32 67 TFLOP/s; launch overheads left out.",
         "",
         "| op | sizes | dtype | fused MB | fused GFLOP | fused us | eager kernels | eager MB | eager GFLOP | "
         "eager us | predicted speedup |",

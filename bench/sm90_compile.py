@@ -12,9 +12,12 @@ launcher configures it (constexprs, num_warps, num_stages, pointer alignment):
     recorded; ``replay`` recompiles each distinct spec for cuda:90 in a process without
     ``TRITON_INTERPRET``.
 
-The interpreter-only ``"upcast"`` mode (``_common.mma_mode``: bfloat16 on a CPU tensor)
-is swapped for the mode a CUDA bfloat16 tensor gets, so bfloat16 kernels compile as the
-GPU runs them. Kernel launches do not run: launchers that read a result back between
+``mma_mode`` (``_triton_common``) answers for the CPU tensors what it answers for CUDA
+ones under torch's flags (float32 conv: TF32 while ``cudnn.allow_tf32``, its default;
+float32 matmul: IEEE at the default precision "highest"), so launchers choose the tiles
+of the GPU's mode. Replayed specs carry the interpreter's mode: its bfloat16-only
+``"upcast"`` is swapped for the CUDA one; float32 specs keep IEEE (what the GPU runs
+with TF32 switched off). Kernel launches do not run: launchers that read a result back between
 launches see uninitialised memory, which only matters if they index with it.
 
 Works with triton 3.6 (the H200 machine) and 3.9. CLI:
@@ -160,11 +163,36 @@ class _StandInDriver:
 
 
 def _device_mode(value):
-    """The constexpr a CUDA tensor would get where the interpreter got ``"upcast"``."""
+    """The constexpr a CUDA tensor would get where the interpreter got ``"upcast"``
+    (replayed specs; the report's launchers already choose the CUDA mode, see below)."""
     if value != _UPCAST:
         return value
     from cprec_kernels._triton_common import mma_mode
     return mma_mode(SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda")))
+
+
+@contextlib.contextmanager
+def _modes_as_on_cuda() -> Iterator[None]:
+    """Within: every kernel module's ``mma_mode`` answers for CPU tensors what it answers
+    for CUDA ones under torch's current flags (by default conv float32 -> TF32, matmul
+    float32 -> IEEE, half types -> tensor cores), so a launcher picks the tiles of that
+    mode too, as it would on the GPU. Modules bind it by name at import: rebind each."""
+    from cprec_kernels import _triton_common
+
+    original = _triton_common.mma_mode
+
+    def on_cuda(t, kind: str = "matmul") -> str:
+        return original(SimpleNamespace(dtype=t.dtype, device=torch.device("cuda")), kind)
+
+    bound = [(m, name) for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("cprec_kernels")
+             for name, value in vars(m).items() if value is original]
+    for m, name in bound:
+        setattr(m, name, on_cuda)
+    try:
+        yield
+    finally:
+        for m, name in bound:
+            setattr(m, name, original)
 
 
 @contextlib.contextmanager
@@ -195,7 +223,8 @@ def compiling_for_sm90(arch: int = 90) -> Iterator[List[Compiled]]:
     driver.set_active(_StandInDriver(arch))
     JITFunction.run = run
     try:
-        yield rows
+        with _modes_as_on_cuda():
+            yield rows
     finally:
         JITFunction.run = original
         driver.reset_active() if driver._default is not None else setattr(driver, "_active", None)

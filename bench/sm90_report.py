@@ -42,12 +42,9 @@ ASM_N, ASM_V, ASM_D, ASM_CUTS, ASM_DIV, TOPK = 32_768, 1_000_000, 256, (0.02, 0.
 LOG_PROB_N = 512
 
 # Why a kernel stays off wgmma in bfloat16/float16 at these sizes (kernel name -> reason).
+# (The fused conv+LayerNorm kernels are on wgmma in bfloat16/float16 at d = 64, 256 and
+# 1024: 64-row tiles, rows wider than ROW_TILE split with a two-pass LayerNorm.)
 WHY = {
-    "_conv_ln_relu_fwd_kernel": "LayerNorm needs a whole output row per program; the tile is BLOCK_M rows x the "
-                                "whole row, and Triton emits wgmma only for 64-row tiles per warp group (BLOCK_M < 64 "
-                                "here, kept small so the fp32 accumulator of the whole row fits in registers)",
-    "_conv_ln_relu_bwd_kernel": "recomputes the forward tile (whole row per program, BLOCK_M < 64 rows), so the "
-                                "same limit as the fused forward applies",
     "_table_grad_kernel": "its M tile is CHUNK = 32 sorted positions (runs of equal ids are summed per chunk with "
                           "a [CHUNK, CHUNK] 0/1 product); wgmma needs 64 rows per warp group",
     "_rows_outer_kernel": "its M is the tail's width d_j (16 for the last tail at d = 256, div 4): no 64-row tile",
@@ -133,7 +130,8 @@ def triton_rows() -> List[Tuple[str, str, Compiled]]:
                 except ValueError as err:  # a launcher refusing a size (e.g. the fused width cap)
                     rows.append(Compiled(kernel="(launcher)", error=f"ValueError: {err}"))
             for r in rows:
-                key = (op, r.kernel, tuple(sorted(r.constexprs.items())))
+                # The dtype is not a constexpr: bfloat16 and float16 share constexprs.
+                key = (op, dtype, r.kernel, tuple(sorted(r.constexprs.items())))
                 if key not in seen:
                     seen.add(key)
                     out.append((op, str(dtype).replace("torch.", ""), r))
@@ -208,7 +206,8 @@ def why(dtype: str, r: Compiled) -> str:
 
 
 def _tiles(constexprs: Dict[str, object]) -> str:
-    return " ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("KP", "CHUNK"))
+    return " ".join(f"{k}={v}" for k, v in constexprs.items()
+                    if k.startswith("BLOCK") or k in ("KP", "CHUNK", "SPLIT", "MMA", "PRECISION"))
 
 
 def markdown(triton_version: str, rows: List[Tuple[str, str, Compiled]], cuda: Optional[List[dict]]) -> str:
@@ -219,8 +218,12 @@ def markdown(triton_version: str, rows: List[Tuple[str, str, Compiled]], cuda: O
         "cuda:90 through the launchers, read from the cubin and PTX). A model of the hardware, not a measurement.",
         "Resident blocks/SM: the minimum of the register file (65,536), shared memory (228 KB, 1 KB reserved per "
         "block), 2,048 threads and 32 blocks. Stack: the stack frame per thread (cuobjdump); spill: "
-        "spill stores per thread (ptxas -v on the kernel's PTX, where there is a stack frame). float32 follows "
-        "torch's default matmul precision \"highest\" (IEEE: FMA, no tensor cores) unless the launcher chooses TF32.",
+        "spill stores per thread (ptxas -v on the kernel's PTX, where there is a stack frame). float32 rows compile "
+        "as the GPU runs them under torch's default flags, like eager: convolution kernels in TF32 "
+        "(`torch.backends.cudnn.allow_tf32`, True by default, which cuDNN's `F.conv1d` follows), matmul-shaped "
+        "kernels (embedding, adaptive softmax) in IEEE fp32 (default matmul precision \"highest\": FMA, no tensor "
+        "cores). The mode is in the tiles column (MMA/PRECISION); half types ignore it (their dots run in the "
+        "half type on tensor cores).",
         "Rows marked with a \"why\" are bfloat16/float16 kernels not on wgmma at these sizes.",
         "",
         "## Triton kernels",

@@ -22,7 +22,6 @@ from harness import (
     backend_dtype_params,
     backend_params,
     check,
-    module_loads,
     noncontiguous,
     value_and_grads,
 )
@@ -258,16 +257,18 @@ def test_triton_rows_split_half_precision(monkeypatch, backend, dtype, tol):
     assert_all_close(got, want, dtype, f"{dtype} split rows vs torch", tol=(0.0, tol), scaled=True)
 
 
-@pytest.mark.skipif(not module_loads("cprec_kernels.conv.triton"), reason="triton is not installed")
-def test_triton_rejects_rows_wider_than_one_program():
-    from cprec_kernels.conv.triton import MAX_FUSED_WIDTH
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["triton"]))
+def test_triton_rows_wider_than_the_old_cap(backend):
+    # The fused kernels once refused C_out > 1024 (whole rows per program); at their real
+    # tile sizes such a row takes the two-pass split over 128-wide tiles, the last one
+    # holding a single column.
+    case = (1, 3, 3, 1025, 2, 1)
+    inputs = ln_inputs(case, torch.float64, True, True, True, strided=True)
 
-    if CAUSAL_CONV1D_LN_RELU.unavailable("triton", DEVICE):
-        pytest.skip("triton cannot run here")
-    x = torch.randn(1, 2, 3, device=DEVICE)
-    w = torch.randn(MAX_FUSED_WIDTH + 1, 3, 1, device=DEVICE)
-    with pytest.raises(ValueError, match="C_out <= "):
-        ck.causal_conv1d_ln_relu(x, w, None, None, None, backend="triton")
+    def oracle(x, weight, bias, ln_weight, ln_bias, residual):
+        return conv_ln_relu_by_modules(x, weight, bias, ln_weight, ln_bias, case[5], EPS, residual)
+
+    check(ln_op(case[5]), inputs, backend, torch.float64, oracle)
 
 
 # The cpu fused forward has three paths: Winograd F(4,3) (K = 3, C_in and C_out >= 32,

@@ -102,3 +102,24 @@ def test_recorded_launches_replay_for_sm90(tmp_path):
     assert recorded[0]["args"]["MMA"] == "upcast"  # the interpreter's bfloat16 mode...
     out = _python(["bench/sm90_compile.py", "replay", str(launches)])
     assert "1 recorded launch specs compiled for sm_90, 0 problems" in out  # ...compiled as CUDA's
+
+
+def test_launchers_choose_the_cuda_precision_mode_when_compiling():
+    # Compiling for sm_90 from CPU tensors, a launcher must pick the mode (and so the
+    # tiles) a CUDA tensor gets under torch's flags: conv float32 follows cudnn.allow_tf32.
+    import torch
+    from cprec_kernels.adaptive_softmax import triton as asm
+    from cprec_kernels.conv import triton as conv
+
+    x32, xbf = torch.empty(2, dtype=torch.float32), torch.empty(2, dtype=torch.bfloat16)
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        for allow in (True, False):
+            torch.backends.cudnn.allow_tf32 = allow
+            with sm90._modes_as_on_cuda():
+                assert conv._mma_mode(x32, "conv") == ("tf32" if allow else "ieee")
+                assert asm._mma_mode(x32) == "ieee"  # matmul precision "highest"
+                assert conv._mma_mode(xbf, "conv") != "upcast"
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    assert conv._mma_mode(x32, "conv") == "ieee" and conv._mma_mode(xbf, "conv") == "upcast"  # restored

@@ -438,7 +438,10 @@ def _project(a: Tensor, b: Tensor, group: _Group, out: Tensor, b_transposed: boo
     K = a.shape[1]
     C = out.shape[1]
     stride_bk, stride_bc = (b.stride(1), b.stride(0)) if b_transposed else (b.stride(0), b.stride(1))
-    BN, BC, BK = _row_block(), _pow2(C, 16, 128), _pow2(K, 16, 64)
+    # IEEE float32 dots run on FMA with both operands in registers: a 64 x 128 fp32 tile
+    # took 255 registers and spilled 8-48 B on sm_90 (ptxas of triton 3.6), 64 x 64 none.
+    ieee32 = b.dtype == torch.float32 and _mma_mode(b) == "ieee"
+    BN, BC, BK = _row_block(), _pow2(C, 16, 64 if ieee32 else 128), _pow2(K, 16, 64)
     grid = (triton.cdiv(a.shape[0], BN), triton.cdiv(C, BC))
     _rows_matmul_kernel[grid](
         a, a.stride(0), b, stride_bk, stride_bc, out, out.stride(0), *group, K, C,
@@ -729,6 +732,10 @@ def _topk_pass(x, w, b, shift, state, exclude, values, ids, id_offset, k, first,
     N, KP = x.shape[0], state.shape[1]
     cfg = _cfg(x, w)
     BN = max(16, min(cfg["BLOCK_N"], 8192 // KP))  # bounds the [BN, KP] keys and the final sort
+    if cfg["PRECISION"] == "ieee" and w.dtype == torch.float32:
+        # The running [BN, KP] keys beside an FMA dot's register operands spilled 20 B
+        # (sm_90, ptxas of triton 3.6) at BLOCK_K = 64; 32-wide K steps do not.
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
     has_ex = exclude is not None and exclude.numel() > 0
     ex = exclude if has_ex else ids
     _topk_kernel[(triton.cdiv(N, BN),)](

@@ -57,9 +57,6 @@ from .._triton_common import pow2 as _pow2
 
 Tensor = torch.Tensor
 
-# Widest LayerNorm row the fused kernels take (a bound kept from the whole-row design;
-# the split path below has no hard limit, but wider rows are untested at speed).
-MAX_FUSED_WIDTH = 1024
 # Widest row the fused forward holds whole in one tile. A wider row (and in the
 # backward, whose epilogue holds about five tiles live, a row wider than SPLIT_TILE) is
 # swept in SPLIT_TILE-wide tiles with a two-pass LayerNorm (row statistics first, z
@@ -435,14 +432,6 @@ def _taps_major(weight: Tensor, reduce_over_in: bool) -> Tensor:
     return weight.permute(2, 1, 0).contiguous() if reduce_over_in else weight.permute(2, 0, 1).contiguous()
 
 
-def _check_width(c_out: int) -> None:
-    if c_out > MAX_FUSED_WIDTH:
-        raise ValueError(
-            f"the triton causal_conv1d_ln_relu holds whole rows of C_out in one program and "
-            f"supports C_out <= {MAX_FUSED_WIDTH}, got {c_out}; use backend='torch'"
-        )
-
-
 def _vec(t: Optional[Tensor], dummy: Tensor) -> Tensor:
     """A 1-D parameter as a contiguous tensor, or a never-read placeholder pointer."""
     return dummy if t is None else t.contiguous()
@@ -477,7 +466,10 @@ def _grad_weight(
     Ci = x.shape[1]
     f64 = x.dtype == torch.float64
     block_co, block_ci = (_pow2(Co, 16, 32), _pow2(Ci, 16, 32)) if f64 else (_pow2(Co, 16, 64), _pow2(Ci, 16, 64))
-    block_m = 8 if f64 else 64
+    mma = _mma_mode(x, "conv")
+    # IEEE float32 (FMA, operands in registers) spilled 12 B at 64 tokens per step (sm_90,
+    # ptxas of triton 3.6, Ci > 64); 32 do not.
+    block_m = 8 if f64 else 32 if mma == "ieee" and x.dtype == torch.float32 else 64
     k_start = _first_tap(K, T, dilation)
     n_ci_tiles = triton.cdiv(Ci, block_ci)
     tiles = triton.cdiv(Co, block_co) * n_ci_tiles * (K - k_start)
@@ -492,7 +484,7 @@ def _grad_weight(
     _grad_weight_kernel[grid](
         g, x, part_w, part_b, M, T, Ci, Co, K, k_start, dilation, chunk, n_ci_tiles,
         HAS_BIAS=need_bias, BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci,
-        MMA=_mma_mode(x, "conv"), num_warps=4,
+        MMA=mma, num_warps=4,
     )
     grad_w = part_w.sum(dim=0).permute(1, 2, 0)
     return grad_w, part_b.sum(dim=0) if need_bias else None
@@ -570,7 +562,6 @@ def causal_conv1d_ln_relu_forward(
     None: no saved z, the backward kernel recomputes it)."""
     B, T, Ci = x.shape
     Co, _, K = weight.shape
-    _check_width(Co)
     M = B * T
     mma = _mma_mode(x, "conv")
     tiles = _gemm_tiles(M, Ci, Co, x.dtype, mma, ROW_TILE if Co <= ROW_TILE else SPLIT_TILE)
@@ -603,7 +594,6 @@ def causal_conv1d_ln_relu_backward(
     grad is grad_out itself. ``eps`` is unused: rstd already holds it."""
     B, T, Ci = x.shape
     Co, _, K = weight.shape
-    _check_width(Co)
     gz, grad_b, grad_lnw, grad_lnb = _conv_ln_relu_bwd(
         grad_out, x, weight, bias, ln_weight, ln_bias, mean.contiguous(), rstd.contiguous(), dilation
     )

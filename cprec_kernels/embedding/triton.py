@@ -421,10 +421,14 @@ def _projection_grad(g: Tensor, keys: Tensor, order: Tensor, bounds: Tensor, j: 
     partial = torch.empty(split, d, d_j, dtype=acc_dtype(table.dtype), device=g.device)
     block_d = _pow2(d, 16, 16 if f64 else 64)
     block_j = _pow2(d_j, 16, 16 if f64 else 64)
+    mma = _mma_mode(table)
+    # IEEE float32 (FMA, operands in registers) spilled 4 B at 32 tokens per step
+    # (sm_90, ptxas of triton 3.9, d_j = 64); 16 do not.
+    block_q = 16 if f64 or (mma == "ieee" and table.dtype == torch.float32) else 32
     grid = (triton.cdiv(d, block_d), triton.cdiv(d_j, block_j), split)
     _projection_grad_kernel[grid](
         g, keys, order, bounds, table, partial, j, lo,
-        D=d, D_J=d_j, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_Q=16 if f64 else 32, MMA=_mma_mode(table),
+        D=d, D_J=d_j, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_Q=block_q, MMA=mma,
     )
     return partial.sum(dim=0).to(proj.dtype)
 
