@@ -390,7 +390,7 @@ def _batches_of(objective: str, data: SequenceData):
 
 def _steps_per_epoch(cfg: TrainConfig, data: SequenceData) -> int:
     """Optimizer steps in one epoch (what ``_fit`` batches), for the lr schedule's length."""
-    n = len(data.prefixes) if cfg.objective == "last" else len(data.train)
+    n, _ = _batches_of(cfg.objective, data)  # the example count _fit batches
     steps = max(1, math.ceil(n / cfg.batch_size))
     return steps if cfg.limit_batches is None else max(1, min(steps, cfg.limit_batches))
 
