@@ -30,6 +30,8 @@ GROUPS = [
     ("embedding backward", ("cprec::blockwise_embedding_backward",)),
     ("embedding forward", ("cprec::blockwise_embedding",)),
     ("loss backward", ("cprec::adaptive_softmax_loss_backward",)),
+    # On the cpu backend the training loss forms its gradients in the forward
+    # (cprec::adaptive_softmax_loss_with_grads): its "loss backward" only scales them.
     ("loss forward", ("cprec::adaptive_softmax_loss",)),
     ("optimizer step", ("Optimizer.step",)),
     ("zero_grad", ("Optimizer.zero_grad",)),

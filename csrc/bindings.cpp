@@ -34,6 +34,9 @@ TORCH_LIBRARY(cprec_cpu, m) {
   m.def("adaptive_softmax_loss_stats_backward(Tensor grad_loss, Tensor hidden, Tensor target, " CPREC_ADAPTIVE_PARAMS
         ", int ignore_index, str reduction, Tensor head_lse, Tensor tail_lse) -> " CPREC_ADAPTIVE_GRADS,
         &adaptive_softmax_loss_stats_backward);
+  m.def("adaptive_softmax_loss_with_grads(Tensor hidden, Tensor target, " CPREC_ADAPTIVE_PARAMS
+        ", int ignore_index, str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[])",
+        &adaptive_softmax_loss_with_grads);
   m.def("adaptive_log_prob_forward(Tensor hidden, " CPREC_ADAPTIVE_PARAMS ") -> Tensor", &adaptive_log_prob_forward);
   m.def("adaptive_log_prob_backward(Tensor grad, Tensor hidden, " CPREC_ADAPTIVE_PARAMS ") -> " CPREC_ADAPTIVE_GRADS,
         &adaptive_log_prob_backward);

@@ -469,3 +469,83 @@ def test_cpu_stats_backward_rejects_bad_statistics(backend, bad, exc):
     wrong = head_lse.double() if bad == "dtype" else head_lse[:-1]
     with pytest.raises(exc, match="head_lse"):
         ops.adaptive_softmax_loss_stats_backward(torch.tensor(1.0), *case, -100, "mean", wrong, tail_lse)
+
+
+# --------------------------------------------------------------------------------------
+# the scalar loss with its gradients formed in the forward (cpu)
+# --------------------------------------------------------------------------------------
+def _grad_fn_name(loss):
+    return type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias,empty_cluster", [(True, False), (False, True)], ids=["bias", "empty-tail"])
+def test_loss_with_grads_in_the_forward(backend, dtype, reduction, bias, empty_cluster):
+    """A mean/sum loss that needs gradients runs cprec::adaptive_softmax_loss_with_grads:
+    its value and its gradients, scaled by the incoming gradient, against the float64
+    reference forward and backward (strided hidden, ignored rows, an empty tail)."""
+    from cprec_kernels.adaptive_softmax import reference
+
+    case = stats_case_for(backend, dtype, bias, empty_cluster, seed=11 + 2 * bias + len(reduction))
+    hidden, target, head_w, head_b, projs, tails, cutoffs = case
+    leaves = [t.detach().requires_grad_() for t in (hidden, head_w) + ((head_b,) if bias else ())]
+    tp = [p.detach().requires_grad_() for p in projs]
+    tw = [w.detach().requires_grad_() for w in tails]
+    hidden_l, head_w_l = leaves[:2]
+    head_b_l = leaves[2] if bias else None
+    loss = ck.adaptive_softmax_loss(hidden_l, target, head_w_l, head_b_l, tp, tw, cutoffs, reduction=reduction,
+                                    backend=backend)
+    assert "adaptive_softmax_loss_with_grads" in _grad_fn_name(loss)
+    (loss * 1.7).backward()
+
+    up = [hidden.double(), target, head_w.double(), None if head_b is None else head_b.double(),
+          [p.double() for p in projs], [t.double() for t in tails], cutoffs]
+    want_loss, head_lse, tail_lse = reference.adaptive_softmax_loss_forward(*up, -100, reduction)
+    want = reference.adaptive_softmax_loss_backward(torch.tensor(1.7, dtype=torch.float64), *up, -100, reduction,
+                                                    head_lse, tail_lse)
+    got = (hidden_l.grad, head_w_l.grad, head_b_l.grad if bias else None, [p.grad for p in tp], [w.grad for w in tw])
+    assert_all_close([loss], [want_loss], dtype, "loss")
+    assert_all_close(_flat_grads(got, bias), _flat_grads(want, bias), dtype, "gradients")
+    if empty_cluster:
+        assert torch.count_nonzero(tp[1].grad) == 0 and torch.count_nonzero(tw[1].grad) == 0
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+def test_loss_with_grads_only_when_training_a_scalar_loss(backend):
+    """No gradient needed (no_grad, or no input requires it) or a per-row loss: the
+    loss op that saves its statistics runs instead, with the same value."""
+    case = stats_case_for(backend, torch.float32, True, False, seed=21)
+    hidden, target, head_w, head_b, projs, tails, cutoffs = case
+    h = hidden.detach().requires_grad_()
+    trained = ck.adaptive_softmax_loss(h, target, head_w, head_b, projs, tails, cutoffs, backend=backend)
+    assert "adaptive_softmax_loss_with_grads" in _grad_fn_name(trained)
+    with torch.no_grad():
+        plain = ck.adaptive_softmax_loss(h, target, head_w, head_b, projs, tails, cutoffs, backend=backend)
+    frozen = ck.adaptive_softmax_loss(hidden, target, head_w, head_b, projs, tails, cutoffs, backend=backend)
+    assert plain.grad_fn is None and frozen.grad_fn is None
+    torch.testing.assert_close(trained.detach(), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(frozen, plain, rtol=0, atol=0)
+    rows = ck.adaptive_softmax_loss(h, target, head_w, head_b, projs, tails, cutoffs, reduction="none",
+                                    backend=backend)
+    assert "adaptive_softmax_loss_with_grads" not in _grad_fn_name(rows)
+    torch.testing.assert_close(rows.sum() / (target != -100).sum(), plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+def test_loss_with_grads_opcheck(backend):
+    case = stats_case_for(backend, torch.float32, True, False, seed=23)
+    hidden, target, head_w, head_b, projs, tails, cutoffs = case
+    args = (hidden.contiguous().requires_grad_(), target, head_w.requires_grad_(), head_b.requires_grad_(),
+            [p.requires_grad_() for p in projs], [w.requires_grad_() for w in tails], cutoffs, -100)
+    for reduction in ("mean", "sum"):
+        torch.library.opcheck(torch.ops.cprec.adaptive_softmax_loss_with_grads.default, (*args, reduction, backend))
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+def test_cpu_loss_with_grads_refuses_a_per_row_loss(backend):
+    from cprec_kernels._core.cpu_extension import ops
+
+    case = stats_case(torch.float32, True, False, seed=5)
+    with pytest.raises(ValueError, match="mean or sum"):
+        ops.adaptive_softmax_loss_with_grads(*case, -100, "none")

@@ -115,6 +115,12 @@ class BackendTable:
             return None
         return Kernels(getattr(module, self.forward), getattr(module, self.backward))
 
+    def optional(self, backend: str, name: str) -> Optional[Callable]:
+        """The function ``name`` of ``backend``'s module, or None where it has none: an
+        entry point only some backends offer (a faster path for a special case)."""
+        module = self._module(backend)
+        return None if module is None else getattr(module, name, None)
+
     def unavailable(
         self, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None
     ) -> Optional[str]:

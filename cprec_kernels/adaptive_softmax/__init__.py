@@ -165,6 +165,70 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 # --------------------------------------------------------------------------------------
+# the scalar loss with its gradients formed in the same pass
+# --------------------------------------------------------------------------------------
+# A backend may offer ``adaptive_softmax_loss_with_grads``: a mean or sum loss and its
+# gradients for grad_loss = 1, computed while the logits are at hand, as Liger-Kernel's
+# fused linear cross-entropy does. Training then never recomputes the head logits (a third
+# of the head's GEMM work, and the whole step's largest GEMM at V = 1M); the backward
+# only scales the saved gradients. ``adaptive_softmax_loss`` takes it when gradients are
+# needed and the backend has it (today: cpu).
+WITH_GRADS = "adaptive_softmax_loss_with_grads"
+
+
+@torch.library.custom_op("cprec::adaptive_softmax_loss_with_grads", mutates_args=())
+def _loss_with_grads_op(
+    hidden: Tensor,
+    target: Tensor,
+    head_weight: Tensor,
+    head_bias: Optional[Tensor],
+    tail_projections: List[Tensor],
+    tail_weights: List[Tensor],
+    cutoffs: List[int],
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
+    """-> (loss [], then d loss / d (hidden, head_weight, head_bias (empty when None),
+    tail_projections, tail_weights))."""
+    check_ids_in_range("target", target, cutoffs[-1], ignore=ignore_index)
+    with_grads = ADAPTIVE_SOFTMAX_LOSS.optional(backend, WITH_GRADS)
+    if with_grads is None:
+        raise RuntimeError(f"backend {backend!r} has no {WITH_GRADS}")
+    loss, grads = with_grads(
+        hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction
+    )
+    return (loss, *_grads_out(grads, hidden))
+
+
+@_loss_with_grads_op.register_fake
+def _(hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction, backend):
+    loss = hidden.new_empty((), dtype=acc_dtype(hidden.dtype))
+    return (loss, *_fake_grads(hidden, head_weight, head_bias, tail_projections, tail_weights))
+
+
+def _loss_with_grads_setup(ctx, inputs, output):
+    head_bias = inputs[3]
+    _, gh, ghw, ghb, gtp, gtw = output
+    ctx.mark_non_differentiable(gh, ghw, ghb, *gtp, *gtw)
+    ctx.save_for_backward(gh, ghw, ghb, *gtp, *gtw)
+    ctx.n_tails, ctx.has_bias = len(gtw), head_bias is not None
+
+
+def _loss_with_grads_backward(ctx, grad, *_grads_of_grads):
+    gh, ghw, ghb, *rest = (g * grad for g in ctx.saved_tensors)
+    n = ctx.n_tails
+    return gh, None, ghw, ghb if ctx.has_bias else None, rest[:n], rest[n:], None, None, None, None
+
+
+_loss_with_grads_op.register_autograd(_loss_with_grads_backward, setup_context=_loss_with_grads_setup)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------------------
 # full log-probabilities
 # --------------------------------------------------------------------------------------
 @torch.library.custom_op("cprec::adaptive_log_prob", mutates_args=())
@@ -362,11 +426,17 @@ def adaptive_softmax_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     name = ADAPTIVE_SOFTMAX_LOSS.resolve(backend, hidden.device, hidden.dtype)
-    loss, _, _ = _loss_op(
+    args = (
         hidden.contiguous(), target.contiguous(), head_weight.contiguous(), head_bias,
         _contiguous(tail_projections), _contiguous(tail_weights), cutoffs, int(ignore_index), reduction, name,
     )
-    return loss
+    if (
+        reduction != "none"
+        and _needs_grad(hidden, head_weight, head_bias, *tail_projections, *tail_weights)
+        and ADAPTIVE_SOFTMAX_LOSS.optional(name, WITH_GRADS) is not None
+    ):
+        return _loss_with_grads_op(*args)[0]
+    return _loss_op(*args)[0]
 
 
 def adaptive_log_prob(

@@ -40,6 +40,18 @@ def adaptive_softmax_loss_backward(
     return _grads_out(grads, *params)
 
 
+def adaptive_softmax_loss_with_grads(
+    hidden, target, head_weight, head_bias, tail_projections, tail_weights, cutoffs, ignore_index, reduction
+):
+    """-> (loss, gradients for grad_loss = 1): a scalar loss and its gradients in one pass."""
+    params = (hidden, head_weight, head_bias, tail_projections, tail_weights)
+    h, *rest = _params_in(*params)
+    loss, *grads = ops.adaptive_softmax_loss_with_grads(
+        h, target, *rest, list(cutoffs), int(ignore_index), reduction
+    )
+    return loss, _grads_out(grads, *params)
+
+
 def adaptive_log_prob_forward(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs):
     return ops.adaptive_log_prob_forward(
         *_params_in(hidden, head_weight, head_bias, tail_projections, tail_weights), list(cutoffs)

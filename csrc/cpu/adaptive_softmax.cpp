@@ -12,12 +12,15 @@
 // is small), and for tail i only its n_i rows, whose logits [n_i, V_i] are produced in
 // item tiles of ~1 MB (L2-resident) and reduced on the fly (online log-sum-exp), so
 // neither [N, V] nor [n_i, V_i] is ever materialised. The rows are grouped by cluster
-// in one pass over the targets here in C++ (no per-cluster host round trip). Backward
-// recomputes each tile (the loss ops save no activations; the *_stats_* pair saves the
-// per-row head and tail-cluster log-sum-exps, [N] each, so its backward skips the
-// tails' extra pass of logit GEMMs that recomputing them takes), turns it into
-// w_r * (softmax - onehot) in place and feeds the two GEMMs of the tile
-// (grad_z += G @ F_tile, grad_F_tile = G^T @ z) while it is still in cache.
+// in one pass over the targets here in C++ (no per-cluster host round trip).
+// Training (a mean or sum loss that needs gradients) runs adaptive_softmax_loss_with_grads:
+// the gradients are formed in the forward, as Liger-Kernel's fused linear cross-entropy
+// does, so the head logits are computed once and turned into w * (softmax - onehot) in
+// place (one exp per logit, in L2-sized row blocks) and each tail's tiles are formed
+// twice (log-sum-exp, then gradients; with d_i small these GEMMs are cheap). The
+// *_stats_* pair (no gradients needed in the forward, or reduction "none") saves the
+// per-row head and tail-cluster log-sum-exps, [N] each, and its backward runs the same
+// gradient pass with them given.
 // Top-k: the same tiles for every row, each row keeping a min-heap of its k best
 // raw tail logits per tail; the per-row constant log_softmax(head)[c1+i] - lse_i is
 // added when the tail is done. Memory: O(N * (H + tile + k)), never O(N * V).
@@ -35,7 +38,9 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
@@ -273,63 +278,141 @@ at::Tensor checked_stats(const at::Tensor& stats, const at::Tensor& hidden, cons
   return stats.contiguous();
 }
 
-// The loss backward; head_lse / tail_lse [N]: the forward's statistics (recomputing the
-// tail's would cost one more pass of logit GEMMs over the tail items).
-AdaptiveGrads loss_backward(const at::Tensor& grad_loss, const Params& p, const Groups& g, const std::string& reduction,
-                            const at::Tensor& head_lse, const at::Tensor& tail_lse_rows) {
-  const auto& h = p.hidden;
-  const auto w = row_weights(grad_loss, g, reduction, h.options());  // [N]
-  // Head: G = w * (softmax(head) - onehot(col)), softmax = exp(logits - lse).
-  auto G = head_logits(p, h);  // [N, H]
-  G.sub_(head_lse.unsqueeze(1)).exp_().mul_(w.unsqueeze(1));
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "adaptive_loss_head_onehot", [&] {
-    scalar_t* gp = G.data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const int64_t width = G.size(1);
-    for (size_t r = 0; r < g.head_col.size(); ++r)
-      if (g.head_col[r] >= 0) gp[r * width + g.head_col[r]] -= wp[r];
+// Rows per softmax block of a [n, width] logit matrix: a block stays in L2 through its passes.
+int64_t rows_per_block(int64_t width) { return std::max<int64_t>(1, (kTileElems / 2) / std::max<int64_t>(width, 1)); }
+
+// In place on logits [n, W], row r's target in column cols[r] (-1: ignored, w_r = 0):
+// each row becomes w_r * (softmax(row) - onehot(cols[r])), in row blocks that stay in
+// cache through the max, exp, sum and scale passes (one exp per logit). lse [n]: the
+// rows' log-sum-exps if known (the stats backward), else undefined and computed here.
+// -> nll [n] = lse - row[cols[r]] (lse alone on ignored rows).
+at::Tensor softmax_grad_(at::Tensor& logits, const int64_t* cols, const at::Tensor& w, const at::Tensor& lse) {
+  const int64_t n = logits.size(0), width = logits.size(1), block = rows_per_block(width);
+  auto nll = at::empty({n}, logits.options());
+  at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, rows = std::min(block, n - r0);
+      auto blk = logits.narrow(0, r0, rows);
+      auto nll_blk = nll.narrow(0, r0, rows);
+      AT_DISPATCH_FLOATING_TYPES(blk.scalar_type(), "adaptive_loss_target_logit", [&] {
+        const scalar_t* lp = blk.const_data_ptr<scalar_t>();
+        scalar_t* np = nll_blk.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) np[r] = cols[r0 + r] >= 0 ? -lp[r * width + cols[r0 + r]] : 0;
+      });
+      const auto w_blk = w.narrow(0, r0, rows).unsqueeze(1);
+      if (lse.defined()) {
+        const auto lse_blk = lse.narrow(0, r0, rows);
+        blk.sub_(lse_blk.unsqueeze(1)).exp_().mul_(w_blk);
+        nll_blk.add_(lse_blk);
+      } else {
+        const auto m = blk.amax({1}, /*keepdim=*/true);
+        const auto sum = blk.sub_(m).exp_().sum({1}, /*keepdim=*/true);
+        blk.mul_(w_blk.div(sum));
+        nll_blk.add_(sum.log_().add_(m).squeeze(1));
+      }
+      AT_DISPATCH_FLOATING_TYPES(blk.scalar_type(), "adaptive_loss_onehot", [&] {
+        scalar_t* gp = blk.data_ptr<scalar_t>();
+        const scalar_t* wp = w.const_data_ptr<scalar_t>() + r0;
+        for (int64_t r = 0; r < rows; ++r)
+          if (cols[r0 + r] >= 0) gp[r * width + cols[r0 + r]] -= wp[r];
+      });
+    }
   });
+  return nll;
+}
+
+// One tail's share of the loss pass, on its n_i rows: their nll [n_i] (undefined when the
+// log-sum-exps were given), d/dz [n_i, d_i] and d/dF [V_i, d_i].
+struct TailPass {
+  at::Tensor nll, grad_z, grad_F;
+};
+
+// z [n_i, d_i]: the rows' codes; local: their targets within the tail; w_i [n_i]: their
+// weights; lse_i [n_i]: their log-sum-exps if known, else computed here (a first pass
+// over the item tiles). The logits are then formed again tile by tile (L2-resident;
+// with d_i small these GEMMs cost little, while a whole [n_i, V_i] block would go through
+// DRAM four times), turned into w * (softmax - onehot) in place and fed to the tile's two
+// GEMMs (grad_z += G @ F_tile, grad_F_tile = G^T @ z) while still in cache.
+TailPass tail_pass(const at::Tensor& z, const at::Tensor& F, const std::vector<int64_t>& local, const at::Tensor& w_i,
+                   at::Tensor lse_i) {
+  TailPass out;
+  if (!lse_i.defined()) {
+    lse_i = tail_lse(z, F);
+    out.nll = lse_i.sub(z.mul(F.index_select(0, long_tensor(local))).sum(1));
+  }
+  const auto lse = lse_i.unsqueeze(1), w_col = w_i.unsqueeze(1);
+  out.grad_z = at::zeros_like(z);
+  out.grad_F = at::empty_like(F);  // every tile writes its rows below
+  const int64_t items = F.size(0), width = tile_width(z.size(0), items);
+  for (int64_t t0 = 0; t0 < items; t0 += width) {
+    const int64_t tw = std::min(width, items - t0);
+    const auto F_tile = F.narrow(0, t0, tw);                             // [w, d_i]
+    auto G = at::mm(z, F_tile.t()).sub_(lse).exp_().mul_(w_col);         // w * softmax, [n_i, w]
+    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "adaptive_loss_tail_onehot", [&] {
+      scalar_t* gp = G.data_ptr<scalar_t>();
+      const scalar_t* wp = w_i.const_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < G.size(0); ++r) {
+        const int64_t c = local[r] - t0;
+        if (c >= 0 && c < tw) gp[r * tw + c] -= wp[r];
+      }
+    });
+    out.grad_z.addmm_(G, F_tile);
+    auto grad_F_tile = out.grad_F.narrow(0, t0, tw);
+    at::mm_out(grad_F_tile, G.t(), z);
+  }
+  return out;
+}
+
+struct LossPass {
+  AdaptiveGrads grads;
+  at::Tensor nll;  // [N]: each row's negative log-likelihood (not yet weighted)
+};
+
+// The gradients for per-row weights w [N] (d loss / d nll), and each row's nll. head_lse,
+// tail_lse [N]: the forward's statistics (the stats backward), or undefined to compute
+// them here (the loss with its gradients: every logit is then formed once).
+LossPass loss_pass(const Params& p, const Groups& g, const at::Tensor& w, const at::Tensor& head_lse,
+                   const at::Tensor& tail_lse_rows) {
+  const auto& h = p.hidden;
+  auto G = head_logits(p, h);  // [N, H], becomes w * (softmax - onehot)
+  auto nll = softmax_grad_(G, g.head_col.data(), w, head_lse);
   auto grad_h = at::mm(G, p.head_weight);  // [N, d]
   auto grad_hw = at::mm(G.t(), h);         // [H, d]
   auto grad_hb = p.head_bias.defined() ? G.sum(0) : absent(h);
   TensorVec grad_proj, grad_weight;
   for (int64_t i = 0; i < p.n_tails(); ++i) {
-    const auto& F = p.weight[i];
     if (g.rows[i].empty()) {  // an empty cluster: no rows, no gradient
       grad_proj.push_back(at::zeros_like(p.proj[i]));
-      grad_weight.push_back(at::zeros_like(F));
+      grad_weight.push_back(at::zeros_like(p.weight[i]));
       continue;
     }
-    auto grad_F = at::empty_like(F);  // every tile writes its rows below
     const auto rows = long_tensor(g.rows[i]);
-    const auto h_i = h.index_select(0, rows);          // [n_i, d]
-    const auto z = at::mm(h_i, p.proj[i].t());          // [n_i, d_i]
-    const auto lse = tail_lse_rows.index_select(0, rows).unsqueeze(1);
-    const auto w_i = w.index_select(0, rows);           // [n_i]
-    const auto w_col = w_i.unsqueeze(1);
-    auto grad_z = at::zeros_like(z);
-    const int64_t items = F.size(0), width = tile_width(z.size(0), items), n_i = z.size(0);
-    for (int64_t t0 = 0; t0 < items; t0 += width) {
-      const int64_t tw = std::min(width, items - t0);
-      const auto F_tile = F.narrow(0, t0, tw);                             // [w, d_i]
-      auto G_tile = at::mm(z, F_tile.t()).sub_(lse).exp_().mul_(w_col);    // w * softmax, [n_i, w]
-      AT_DISPATCH_FLOATING_TYPES(G_tile.scalar_type(), "adaptive_loss_tail_onehot", [&] {
-        scalar_t* gp = G_tile.data_ptr<scalar_t>();
-        const scalar_t* wp = w_i.const_data_ptr<scalar_t>();
-        for (int64_t r = 0; r < n_i; ++r) {
-          const int64_t c = g.local[i][r] - t0;
-          if (c >= 0 && c < tw) gp[r * tw + c] -= wp[r];
-        }
-      });
-      grad_z.addmm_(G_tile, F_tile);
-      auto grad_F_tile = grad_F.narrow(0, t0, tw);
-      at::mm_out(grad_F_tile, G_tile.t(), z);
-    }
-    grad_proj.push_back(at::mm(grad_z.t(), h_i));               // [d_i, d]
-    grad_h.index_add_(0, rows, at::mm(grad_z, p.proj[i]));      // [n_i, d]
-    grad_weight.push_back(grad_F);
+    const auto h_i = h.index_select(0, rows);  // [n_i, d]
+    const auto lse_i = tail_lse_rows.defined() ? tail_lse_rows.index_select(0, rows) : tail_lse_rows;
+    auto t = tail_pass(at::mm(h_i, p.proj[i].t()), p.weight[i], g.local[i], w.index_select(0, rows), lse_i);
+    if (t.nll.defined()) nll.index_add_(0, rows, t.nll);
+    grad_proj.push_back(at::mm(t.grad_z.t(), h_i));            // [d_i, d]
+    grad_h.index_add_(0, rows, at::mm(t.grad_z, p.proj[i]));   // [n_i, d]
+    grad_weight.push_back(t.grad_F);
   }
-  return {grad_h, grad_hw, grad_hb, grad_proj, grad_weight};
+  return {{grad_h, grad_hw, grad_hb, grad_proj, grad_weight}, nll};
+}
+
+// The loss backward; head_lse / tail_lse [N]: the forward's statistics.
+AdaptiveGrads loss_backward(const at::Tensor& grad_loss, const Params& p, const Groups& g, const std::string& reduction,
+                            const at::Tensor& head_lse, const at::Tensor& tail_lse_rows) {
+  const auto w = row_weights(grad_loss, g, reduction, p.hidden.options());  // [N]
+  return loss_pass(p, g, w, head_lse, tail_lse_rows).grads;
+}
+
+// The scalar loss and, in the same pass, its gradients for grad_loss = 1, as
+// Liger-Kernel's fused linear cross-entropy does: every logit is formed once (the
+// backward would recompute the head logits, a third of the head's GEMM work) and the
+// autograd backward only scales what this returns by the incoming scalar.
+std::tuple<at::Tensor, AdaptiveGrads> loss_with_grads(const Params& p, const Groups& g, const std::string& reduction) {
+  const auto w = row_weights(at::ones({}, p.hidden.options()), g, reduction, p.hidden.options());  // [N]
+  auto pass = loss_pass(p, g, w, at::Tensor(), at::Tensor());
+  return {pass.nll.mul_(w).sum(), std::move(pass.grads)};  // w: 1 or 1/kept on kept rows, 0 on ignored ones
 }
 
 }  // namespace
@@ -377,6 +460,18 @@ AdaptiveGrads adaptive_softmax_loss_stats_backward(const at::Tensor& grad_loss, 
   const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
   return loss_backward(grad_loss, p, group_rows(p, target, ignore_index), reduction,
                        checked_stats(head_lse, p.hidden, "head_lse"), checked_stats(tail_lse, p.hidden, "tail_lse"));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, TensorVec, TensorVec> adaptive_softmax_loss_with_grads(
+    const at::Tensor& hidden, const at::Tensor& target, const at::Tensor& head_weight,
+    const std::optional<at::Tensor>& head_bias, at::TensorList tail_projections, at::TensorList tail_weights,
+    at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
+                    "adaptive_softmax_loss_with_grads: reduction must be mean or sum (a scalar loss), got ", reduction);
+  const Params p = make_params(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs);
+  auto [loss, grads] = loss_with_grads(p, group_rows(p, target, ignore_index), reduction);
+  auto& [gh, ghw, ghb, gtp, gtw] = grads;
+  return {loss, gh, ghw, ghb, gtp, gtw};
 }
 
 at::Tensor adaptive_log_prob_forward(const at::Tensor& hidden, const at::Tensor& head_weight,

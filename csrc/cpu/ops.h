@@ -49,6 +49,14 @@ AdaptiveGrads adaptive_softmax_loss_stats_backward(const at::Tensor& grad_loss, 
                                                    const std::string& reduction, const at::Tensor& head_lse,
                                                    const at::Tensor& tail_lse);
 
+// The scalar loss (mean or sum) and its gradients for grad_loss = 1, formed in one pass:
+// (loss, grad_hidden, grad_head_weight, grad_head_bias or empty, [grad_tail_projection],
+// [grad_tail_weight]). Autograd scales them by the incoming gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, TensorVec, TensorVec> adaptive_softmax_loss_with_grads(
+    const at::Tensor& hidden, const at::Tensor& target, const at::Tensor& head_weight,
+    const std::optional<at::Tensor>& head_bias, at::TensorList tail_projections, at::TensorList tail_weights,
+    at::IntArrayRef cutoffs, int64_t ignore_index, const std::string& reduction);
+
 at::Tensor adaptive_log_prob_forward(const at::Tensor& hidden, const at::Tensor& head_weight,
                                      const std::optional<at::Tensor>& head_bias, at::TensorList tail_projections,
                                      at::TensorList tail_weights, at::IntArrayRef cutoffs);
