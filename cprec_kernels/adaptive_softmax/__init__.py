@@ -35,10 +35,10 @@ _MODULES = {
     "triton": "cprec_kernels.adaptive_softmax.triton",
     "cpu": "cprec_kernels.adaptive_softmax.cpu",
 }
-# Since its backward takes the forward's log-sum-exps, the cpu loss measures faster than
-# the eager reference on 1 thread (N = 4,096, V = 100k, d = 256: 585 vs 929 ms, medians
-# on a machine loaded ~4x over its 2 cores), so ``auto`` picks it. On 2 threads under
-# that load it measured slower (1.9 s vs 1.5 s); re-measure on a quiet machine.
+# ``auto`` picks the cpu loss: on a quiet 2-core machine (N = 4,096, V = 100k, d = 256,
+# forward + backward) it measured 1.35x-1.55x the eager reference with statistics saved,
+# and with the gradients formed in the forward 1.26x (1 thread) and 1.56x (2 threads)
+# ``nn.AdaptiveLogSoftmaxWithLoss`` (bench/RESULTS.md, issue 19).
 ADAPTIVE_SOFTMAX_LOSS = BackendTable(
     "adaptive_softmax_loss", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward", _MODULES
 )

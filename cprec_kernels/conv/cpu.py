@@ -18,9 +18,9 @@ def causal_conv1d_backward(grad_y, x, weight, bias, dilation):
 
 
 def causal_conv1d_ln_relu_forward(x, weight, bias, ln_weight, ln_bias, residual, dilation, eps):
-    a = compute_dtype(x.dtype)
     """-> (out, mean, rstd, z): z [B, T, C_out] in the compute dtype, the conv output
     the backward reads instead of recomputing it."""
+    a = compute_dtype(x.dtype)
     out, mean, rstd, z = ops.causal_conv1d_ln_relu_forward(
         x.to(a), weight.to(a), cast_or_none(bias, a), cast_or_none(ln_weight, a), cast_or_none(ln_bias, a),
         cast_or_none(residual, a), int(dilation), float(eps),
