@@ -420,6 +420,9 @@ def adaptive_softmax_loss(
     hidden: [N, d], target: [N] ids in [0, V) or ``ignore_index`` -> scalar
     ("mean" over rows not ignored, 0 when every row is ignored; "sum") or [N]
     ("none", 0 on ignored rows), in float32 (float64 for float64 inputs).
+    A mean/sum loss that needs gradients runs, on a backend that offers it (cpu),
+    ``cprec::adaptive_softmax_loss_with_grads``: its gradients are formed in the forward
+    and kept until the backward scales them (no double backward through it).
     """
     cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
     check_tensor("target", target, shape=(hidden.shape[0],), dtypes=INDEX_DTYPES, device=hidden.device)
