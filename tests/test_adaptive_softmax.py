@@ -575,3 +575,15 @@ def test_cpu_loss_float32_over_a_wide_logit_range(backend, scale):
               for name in ("torch", backend)}
     for i, (ours, eager) in enumerate(zip(errors[backend], errors["torch"])):
         assert ours <= 2 * eager + 1e-6, (i, ours, eager)
+
+
+@pytest.mark.parametrize("backend", backend_params(ADAPTIVE_SOFTMAX_LOSS, ["cpu"]))
+def test_loss_with_grads_refuses_a_double_backward(backend):
+    case = stats_case_for(backend, torch.float64, True, False, seed=41)
+    hidden, target, head_w, head_b, projs, tails, cutoffs = case
+    h = hidden.detach().requires_grad_()
+    loss = ck.adaptive_softmax_loss(h, target, head_w, head_b, projs, tails, cutoffs, backend=backend)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, h)  # a plain backward still works
+    assert grad.shape == h.shape

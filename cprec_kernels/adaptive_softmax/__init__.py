@@ -216,6 +216,11 @@ def _loss_with_grads_setup(ctx, inputs, output):
 
 
 def _loss_with_grads_backward(ctx, grad, *_grads_of_grads):
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradients carry no second derivatives
+        raise RuntimeError(
+            "adaptive_softmax_loss: the cpu training loss has no double backward; compute it with "
+            "backend='torch' to differentiate its gradients"
+        )
     gh, ghw, ghb, *rest = (g * grad for g in ctx.saved_tensors)
     n = ctx.n_tails
     return gh, None, ghw, ghb if ctx.has_bias else None, rest[:n], rest[n:], None, None, None, None
@@ -422,7 +427,8 @@ def adaptive_softmax_loss(
     ("none", 0 on ignored rows), in float32 (float64 for float64 inputs).
     A mean/sum loss that needs gradients runs, on a backend that offers it (cpu),
     ``cprec::adaptive_softmax_loss_with_grads``: its gradients are formed in the forward
-    and kept until the backward scales them (no double backward through it).
+    and kept until the backward scales them (no double backward: a backward with
+    ``create_graph=True`` raises).
     """
     cutoffs = check_adaptive_args(hidden, head_weight, head_bias, tail_projections, tail_weights, cutoffs)
     check_tensor("target", target, shape=(hidden.shape[0],), dtypes=INDEX_DTYPES, device=hidden.device)
