@@ -227,6 +227,9 @@ def cmd_train(args) -> dict:
     try:
         result = train(_train_config(args))
         main_process = distributed.is_main()
+        # Every rank is done before any tears the group down: a gloo process whose peer
+        # closed the connections under it can abort at exit (seen once on a loaded machine).
+        distributed.barrier()
     finally:
         distributed.shutdown()
     if not main_process:
