@@ -209,8 +209,10 @@ def collect(spec: dict, out_dir: Path) -> List[dict]:
             )
             for name in METRICS:
                 row[name] = _mean_std([r["test"][name] for r in results])
+            # Wall seconds: a median, so that epochs stopped (SIGSTOP while a benchmark runs) or
+            # resumed across sessions do not count as slow ones.
             epoch_seconds = [h["seconds"] for r in results for h in r["history"]]
-            row["epoch_seconds"] = sum(epoch_seconds) / max(len(epoch_seconds), 1)
+            row["epoch_seconds"] = statistics.median(epoch_seconds) if epoch_seconds else math.nan
             row["epochs"] = _mean_std([r["epochs_run"] for r in results])[0]
             row["pop"] = results[0]["baseline_test"]
         rows.append(row)
@@ -332,7 +334,7 @@ def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
         f"Data `{spec.get('data') or 'shipped ml-latest-small'}`, split {spec.get('split', 'leave-one-out')}, "
         f"full ranking over all items, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
         "'seeds'). Compression is the parameter count of "
-        f"'{spec.get('baseline')}' divided by the run's. 's / epoch' includes the validation pass. Rows with "
+        f"'{spec.get('baseline')}' divided by the run's. 's / epoch' is the median epoch's wall time, validation included. Rows with "
         "fewer seeds than listed, or 'not run', had not finished when the table was written; the same spec "
         "without --report-only trains only those.",
     ]
