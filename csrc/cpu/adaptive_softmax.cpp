@@ -16,7 +16,7 @@
 // Training (a mean or sum loss that needs gradients) runs adaptive_softmax_loss_with_grads:
 // the gradients are formed in the forward, as Liger-Kernel's fused linear cross-entropy
 // does, so the head logits are computed once and turned into w * (softmax - onehot) in
-// place (one exp per logit, in L2-sized row blocks) and each tail's tiles are formed
+// place (one exp per logit, row by row while the row is in L1) and each tail's tiles are formed
 // twice (log-sum-exp, then gradients; with d_i small these GEMMs are cheap). The
 // *_stats_* pair (no gradients needed in the forward, or reduction "none") saves the
 // per-row head and tail-cluster log-sum-exps, [N] each, and its backward runs the same
@@ -125,13 +125,6 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));  // y * 2^n
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 __attribute__((target("avx2,fma"))) float row_max(const float* x, int64_t n) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
@@ -163,9 +156,9 @@ __attribute__((target("avx2,fma"))) float exp_row(float* x, int64_t n, float shi
       rest += buf[j];
       x[i + j] = buf[j] * scale;
     }
-    return hsum(acc) + rest;
+    return hsum_avx2(acc) + rest;
   }
-  return hsum(acc);
+  return hsum_avx2(acc);
 }
 
 }  // namespace avx2
@@ -236,6 +229,15 @@ at::Tensor tail_lse(const at::Tensor& z, const at::Tensor& weight) {
     }
   });
   return s.log_().add_(m);
+}
+
+// A tail's rows' log-sum-exps and nll = lse - logit of the target, from their codes
+// z [n_i, d_i] and targets within the tail -> (lse [n_i], nll [n_i]).
+std::pair<at::Tensor, at::Tensor> tail_lse_and_nll(const at::Tensor& z, const at::Tensor& F,
+                                                   const std::vector<int64_t>& local) {
+  auto lse = tail_lse(z, F);
+  auto nll = lse.sub(z.mul(F.index_select(0, long_tensor(local))).sum(1));
+  return {lse, nll};
 }
 
 // Rows grouped by target cluster, in one pass over the targets.
@@ -459,10 +461,7 @@ struct TailPass {
 TailPass tail_pass(const at::Tensor& z, const at::Tensor& F, const std::vector<int64_t>& local, const at::Tensor& w_i,
                    at::Tensor lse_i) {
   TailPass out;
-  if (!lse_i.defined()) {
-    lse_i = tail_lse(z, F);
-    out.nll = lse_i.sub(z.mul(F.index_select(0, long_tensor(local))).sum(1));
-  }
+  if (!lse_i.defined()) std::tie(lse_i, out.nll) = tail_lse_and_nll(z, F, local);
   lse_i = lse_i.contiguous();
   out.grad_z = at::zeros_like(z);
   out.grad_F = at::empty_like(F);  // every tile writes its rows below
@@ -563,10 +562,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaptive_softmax_loss_stats_forwa
     if (g.rows[i].empty()) continue;
     const auto rows = long_tensor(g.rows[i]);
     const auto z = at::mm(h.index_select(0, rows), p.proj[i].t());                              // [n_i, d_i]
-    const auto target_logit = z.mul(p.weight[i].index_select(0, long_tensor(g.local[i]))).sum(1);  // [n_i]
-    const auto lse = tail_lse(z, p.weight[i]);                                                  // [n_i]
+    const auto [lse, tail_nll] = tail_lse_and_nll(z, p.weight[i], g.local[i]);                  // [n_i] each
     tail_lse_rows.index_copy_(0, rows, lse);
-    nll.index_add_(0, rows, lse.sub(target_logit));
+    nll.index_add_(0, rows, tail_nll);
   }
   nll.mul_(long_tensor(g.head_col).ge(0).to(nll.scalar_type()));  // ignored rows give 0
   if (reduction != "none") {

@@ -113,13 +113,6 @@ void ln_relu_grad_pass1_cols(T* o, T* z, const T* grad, T m, T rs, const T* g, c
 #ifdef CPREC_HAVE_AVX2
 namespace avx2 {
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 // dst = bias + sum_k coef[k] * src[k] (bias may be null) -> the sum of dst.
 __attribute__((target("avx2,fma"))) float combine_row(float* dst, int64_t n, const float* coef,
                                                       const float* const* src, const float* bias, int64_t C) {
@@ -131,7 +124,7 @@ __attribute__((target("avx2,fma"))) float combine_row(float* dst, int64_t n, con
     _mm256_storeu_ps(dst + i, acc);
     vs = _mm256_add_ps(vs, acc);
   }
-  float sum = hsum(vs);
+  float sum = hsum_avx2(vs);
   for (; i < C; ++i) {
     float acc = bias ? bias[i] : 0.f;
     for (int64_t k = 0; k < n; ++k) acc += coef[k] * src[k][i];
@@ -149,7 +142,7 @@ __attribute__((target("avx2,fma"))) float sq_dev(const float* z, float m, int64_
     const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(z + i), mv);
     acc = _mm256_fmadd_ps(d, d, acc);
   }
-  float s = hsum(acc);
+  float s = hsum_avx2(acc);
   for (; i < C; ++i) s += (z[i] - m) * (z[i] - m);
   return s;
 }
@@ -197,7 +190,7 @@ __attribute__((target("avx2,fma"))) std::pair<float, float> ln_relu_grad_pass1(
     _mm256_storeu_ps(z + i, zh);
     _mm256_storeu_ps(o + i, gw);
   }
-  float s1 = hsum(sg), s2 = hsum(sgz);
+  float s1 = hsum_avx2(sg), s2 = hsum_avx2(sgz);
   ln_relu_grad_pass1_cols(o, z, grad, m, rs, g, b, pw, pb, i, C, s1, s2);
   return {s1, s2};
 }
