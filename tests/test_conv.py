@@ -208,6 +208,51 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU))
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no-grad"])
+def test_eager_path_is_the_custom_op(backend, grad_enabled):
+    """Eager calls run the op's bodies through an autograd.Function (no custom-op
+    dispatch); they must give exactly what the registered op gives, value and grads."""
+    inputs = ln_inputs((2, 11, 7, 9, 3, 2), torch.float32, strided=True)
+    leaves = as_leaves(inputs)
+    upstream = torch.randn(2, 11, 9, device=DEVICE)
+    args = (*leaves.values(), 2, EPS, backend)
+    with torch.set_grad_enabled(grad_enabled):
+        eager = ck.causal_conv1d_ln_relu(*args[:5], 2, EPS, leaves["residual"], backend=backend)
+        op = torch.ops.cprec.causal_conv1d_ln_relu(
+            *[t.contiguous() if t is not None else None for t in leaves.values()], 2, EPS, backend)[0]
+    assert torch.equal(eager, op)
+    assert eager.requires_grad == grad_enabled
+    if grad_enabled:
+        present = [t for t in leaves.values() if t is not None]
+        for a, b in zip(torch.autograd.grad((eager * upstream).sum(), present),
+                        torch.autograd.grad((op * upstream).sum(), present)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backend_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
+def test_cpu_scratch_reuse_across_sizes_and_dtypes(backend):
+    """The cpu kernels keep per-thread scratch buffers across calls: a call after larger,
+    smaller and float64 calls gives bit-for-bit what it gave first."""
+    def run(case, dtype, seed, backend=backend):
+        torch.manual_seed(seed)
+        inputs = as_leaves(ln_inputs(case, dtype))
+        out = ck.causal_conv1d_ln_relu(inputs["x"], inputs["weight"], inputs["bias"], inputs["ln_weight"],
+                                       inputs["ln_bias"], case[5], EPS, inputs["residual"], backend=backend)
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), list(inputs.values())))
+
+    small, large = (2, 40, 40, 48, 3, 2), (3, 64, 72, 80, 3, 4)  # both Winograd sizes
+    first = run(small, torch.float32, 0)
+    reference_large = run(large, torch.float64, 1)
+    run(large, torch.float32, 1)
+    run(small, torch.float64, 0)
+    for a, b, c in zip(run(large, torch.float64, 1), reference_large, run(large, torch.float64, 1, "torch")):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
+    for a, b in zip(run(small, torch.float32, 0), first):
+        assert torch.equal(a, b)
+
+
 @pytest.fixture(autouse=True)
 def _ieee_float32_on_cuda():
     """float32 cases are checked at float32 tolerances: on CUDA keep cuDNN's TF32 (on by

@@ -56,6 +56,13 @@ def requested_backend(backend: Optional[str]) -> str:
     return name
 
 
+def eager_call(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may skip the custom op and run its body directly: plain
+    eager execution, not torch.compile/export tracing (which must see the op) nor a
+    tensor subclass such as FakeTensor."""
+    return not torch.compiler.is_compiling() and type(x) is torch.Tensor
+
+
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (None if it can)."""
     if backend == "torch":

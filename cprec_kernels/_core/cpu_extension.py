@@ -44,7 +44,7 @@ def casts(ts: Sequence[Optional[Tensor]], dtype: torch.dtype) -> List[Optional[T
 
 def grad_as(grad: Tensor, given: Optional[Tensor]) -> Optional[Tensor]:
     """``grad`` in the dtype of the input it belongs to; None where that input is None."""
-    return None if given is None else grad.to(given.dtype)
+    return None if given is None else cast_or_none(grad, given.dtype)
 
 
 def grads_as(grads: Sequence[Tensor], given: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:

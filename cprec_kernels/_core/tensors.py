@@ -23,7 +23,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def cast_or_none(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t`` in ``dtype``; None stays None."""
-    return None if t is None else t.to(dtype)
+    # The dtype test first: a no-op .to() is a C++ call, and the conv casts ~10
+    # tensors per layer.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def block_bounds(cutoffs: Sequence[int]) -> List[Tuple[int, int]]:

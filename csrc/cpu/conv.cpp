@@ -418,34 +418,38 @@ void transform_tile(const T* const (&src)[L], const double (&mat)[A][L], int64_t
   }
 }
 
-// out [A, n] with out_i = sum_l mat[i][l] * planes_l: planes [L, ...] (n elements each).
-// Not an at::mm: MKL's [A, L] x [L, n] product with L = 3 or 4 gave float32 results that
-// changed with the thread count (2 threads differed from 1, 3 and 4 in the last bit).
-// Here each element's sum has one order, and the column blocks (fixed size, so the
-// vector/tail split of every element is fixed) are shared out among threads.
-template <int A, int L>
-at::Tensor combine_planes(const double (&mat)[A][L], const at::Tensor& planes) {
-  constexpr int64_t kBlock = 4096;
-  const auto p = planes.contiguous();
-  const int64_t n = p.numel() / L;
-  auto out = at::empty({A, n}, p.options());
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "combine_planes", [&] {
-    using T_ = scalar_t;
-    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t off = blk * kBlock;
-        const T_* src[L];
-        for (int l = 0; l < L; ++l) src[l] = p.const_data_ptr<T_>() + l * n + off;
-        transform_tile<T_, A, L>(src, mat, std::min(kBlock, n - off), out.data_ptr<T_>() + off, n);
-      }
-    });
+// Weights of a K = 3 kernel in planes, straight from the [rows, cols, 3] layout:
+// dst_i [rows, cols] = sum_k mat[i][k] * taps_k (i < A), taps_k = src[:, :, k], with
+// dst_i at dst + i * rows * cols. One pass: each src row (3 * cols values, in L1) is
+// split into its three taps, then combined; no transposed copy of the weight first.
+// Not an at::mm: MKL's [A, 3] x [3, n] product gave float32 results that changed with the
+// thread count (2 threads differed from 1, 3 and 4 in the last bit). Here each element's
+// sum has one order whatever the thread count.
+template <typename T, int A>
+void planes_from_taps(const T* src, int64_t rows, int64_t cols, const double (&mat)[A][3], T* dst) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)), [&](int64_t begin,
+                                                                                          int64_t end) {
+    std::vector<T> taps(3 * cols);
+    const T* tap[3] = {taps.data(), taps.data() + cols, taps.data() + 2 * cols};
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = src + r * cols * 3;
+      for (int64_t j = 0; j < cols; ++j)
+        for (int k = 0; k < 3; ++k) taps[k * cols + j] = row[3 * j + k];
+      transform_tile<T, A, 3>(tap, mat, cols, dst + r * cols, rows * cols);
+    }
   });
-  return out;
 }
 
-// V [a, rows, cols] = G @ taps: taps [3, rows, cols], the 3 taps of a K = 3 kernel.
-at::Tensor wino_weights(const at::Tensor& taps) {
-  return combine_planes(kWinoG, taps).view({kWinoA, taps.size(1), taps.size(2)});
+// V [a, C_out, C_in], V_i = sum_k G[i][k] W_k: weight [C_out, C_in, 3] (contiguous).
+// The forward multiplies by V_i^T (a transposed view: BLAS reads it as such), the input
+// gradient by V_i. V is the calling thread's scratch (see thread_scratch).
+at::Tensor wino_weights(const at::Tensor& weight) {
+  const int64_t C = weight.size(0), C_in = weight.size(1);
+  auto V = thread_scratch(Scratch::kWinoWeights, {kWinoA, C, C_in}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "wino_weights", [&] {
+    planes_from_taps<scalar_t, kWinoA>(weight.const_data_ptr<scalar_t>(), C, C_in, kWinoG, V.data_ptr<scalar_t>());
+  });
+  return V;
 }
 
 // U [a, stride, C]: the input transform of tiles [t_begin, t_end) (row tile - t_begin).
@@ -491,8 +495,8 @@ void wino_conv(const T* x, const at::Tensor& V, int64_t C_in, int64_t C, const W
   const auto plan = WinoChunks::of(w);
   at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowAutograd below_autograd;  // worker threads do not inherit the caller's
-    auto U = at::empty({kWinoA, plan.size, C_in}, V.options());
-    auto M = at::empty({kWinoA, plan.size, C}, V.options());
+    auto U = thread_scratch(Scratch::kTransformIn, {kWinoA, plan.size, C_in}, V.options());
+    auto M = thread_scratch(Scratch::kTransformOut, {kWinoA, plan.size, C}, V.options());
     std::vector<T> scratch(C);
     T coef[kWinoA];
     const T* src[kWinoA];
@@ -645,8 +649,8 @@ std::tuple<at::Tensor, at::Tensor> im2col_backward(const at::Tensor& gz, const a
 }
 
 // Pass B: grad_x [B, T, C_in] = the anti-causal conv of gz [N, C_out] by Winograd.
-// V [a, C_out, C_in]: wino_weights of the taps W_k; the fused backward passes the
-// transpose of its pass-A weights (G @ W_k^T per plane), saving a second transform.
+// V [a, C_out, C_in]: wino_weights of the weight (pass A of the fused backward uses the
+// same planes transposed).
 at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& V, int64_t B, int64_t T, int64_t dilation) {
   const int64_t C = V.size(1), C_in = V.size(2);
   auto gx = at::empty({B, T, C_in}, gz.options());
@@ -673,23 +677,59 @@ at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& V, int64_t B, int
 // float32 tolerance of 1e-5 on small entries at C = 40). This one: see "Backward".
 constexpr int kWino2M = 2, kWino2A = 4;
 constexpr double kWino2BT[kWino2A][kWino2A] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
-constexpr double kWino2G[kWino2A][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double kWino2GT[3][kWino2A] = {{1, 0.5, 0.5, 0}, {0, 0.5, -0.5, 0}, {0, 0.5, 0.5, 1}};  // G2 transposed
 constexpr double kWino2A_[kWino2A][kWino2M] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};  // AT2 transposed
 
+// grad_W [C, C_in, 3] (the weight's layout), grad_W[:, :, k] = sum_i G2[i][k] P_i, where
+// P_i [C, C_in] is the sum in thread order of the partials parts[t][i] of the threads in
+// `used`. Row by row: the planes' row sums and the three taps stay in L1 and are written
+// interleaved, so no [3, C, C_in] intermediate and no transposed copy.
+template <typename T>
+void grad_w_from_partials(const T* parts, const std::vector<int64_t>& used, int64_t C, int64_t C_in, T* out) {
+  const int64_t plane = C * C_in, part = kWino2A * plane;
+  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(C_in, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<T> buf((kWino2A + 3) * C_in);
+    T* taps = buf.data() + kWino2A * C_in;
+    for (int64_t c = begin; c < end; ++c) {
+      const T* src[kWino2A];
+      for (int i = 0; i < kWino2A; ++i) {
+        const T* first = parts + used[0] * part + i * plane + c * C_in;
+        if (used.size() == 1) {
+          src[i] = first;
+          continue;
+        }
+        T* sum = buf.data() + i * C_in;
+        copy_row(sum, first, C_in);
+        for (size_t u = 1; u < used.size(); ++u) add_row(sum, parts + used[u] * part + i * plane + c * C_in, C_in);
+        src[i] = sum;
+      }
+      transform_tile<T, 3, kWino2A>(src, kWino2GT, C_in, taps, C_in);
+      T* o = out + c * C_in * 3;
+      for (int64_t j = 0; j < C_in; ++j)
+        for (int k = 0; k < 3; ++k) o[3 * j + k] = taps[k * C_in + j];
+    }
+  });
+}
+
 // grad_W [C_out, C_in, 3] of a K = 3 conv: x [B, T, C_in], gz [B*T, C_out] (contiguous).
+// Each thread keeps its own partial P_i, started by its first chunk's GEMM (no zero fill).
 at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilation) {
   const int64_t B = x.size(0), T = x.size(1), C_in = x.size(2), C = gz.size(1);
   const auto w = WinoTiles::of(B, T, dilation, false, kWino2M);
   const auto plan = WinoChunks::of(w);
-  auto P = at::zeros({at::get_num_threads(), kWino2A, C, C_in}, x.options());
+  const int64_t threads = at::get_num_threads();
+  auto P = thread_scratch(Scratch::kGradWParts, {threads, kWino2A, C, C_in}, x.options());
+  std::vector<char> started(threads, 0);
+  auto grad_w = at::empty({C, C_in, 3}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_grad_weight", [&] {
     using T_ = scalar_t;
     const T_ *px = x.const_data_ptr<T_>(), *pg = gz.const_data_ptr<T_>();
     at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
       at::AutoDispatchBelowAutograd below_autograd;
-      auto U = at::empty({kWino2A, plan.size, C_in}, x.options());
-      auto Gz = at::empty({kWino2A, plan.size, C}, x.options());
-      auto Pt = P[at::get_thread_num()];
+      auto U = thread_scratch(Scratch::kGradWIn, {kWino2A, plan.size, C_in}, x.options());
+      auto Gz = thread_scratch(Scratch::kGradWOut, {kWino2A, plan.size, C}, x.options());
+      const int64_t tid = at::get_thread_num();
+      auto Pt = P[tid];
       for (int64_t c = c_begin; c < c_end; ++c) {
         const int64_t t_begin = c * plan.size, t_end = std::min(plan.n_tiles, t_begin + plan.size);
         for (int64_t tile = t_begin; tile < t_end; ++tile) {
@@ -711,14 +751,28 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
                                                 plan.size * C);
         }
         const int64_t n = t_end - t_begin;
-        for (int i = 0; i < kWino2A; ++i) Pt[i].addmm_(Gz[i].narrow(0, 0, n).t(), U[i].narrow(0, 0, n));
+        for (int i = 0; i < kWino2A; ++i) {
+          auto Pi = Pt[i];
+          const auto lhs = Gz[i].narrow(0, 0, n).t(), rhs = U[i].narrow(0, 0, n);
+          if (started[tid]) {
+            Pi.addmm_(lhs, rhs);
+          } else {
+            at::mm_out(Pi, lhs, rhs);
+          }
+        }
+        started[tid] = 1;
       }
     });
+    std::vector<int64_t> used;
+    for (int64_t t = 0; t < threads; ++t)
+      if (started[t]) used.push_back(t);
+    if (used.empty()) {  // no tiles: nothing reached the weight
+      grad_w.zero_();
+      return;
+    }
+    grad_w_from_partials<T_>(P.const_data_ptr<T_>(), used, C, C_in, grad_w.data_ptr<T_>());
   });
-  double gt[3][kWino2A];
-  for (int k = 0; k < 3; ++k)
-    for (int i = 0; i < kWino2A; ++i) gt[k][i] = kWino2G[i][k];
-  return combine_planes(gt, P.sum(0)).view({3, C, C_in}).permute({1, 2, 0}).contiguous();
+  return grad_w;
 }
 
 // (grad_x, grad_W) of a conv from gz [N, C_out] (contiguous): pass B and F(3,2), or im2col.
@@ -726,7 +780,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& gz, const at::Te
                                               int64_t dilation) {
   const int64_t B = xc.size(0), T = xc.size(1), C = wc.size(0), K = wc.size(2);
   if (use_winograd_backward(B, T, xc.size(2), C, K, dilation)) {
-    const auto V = wino_weights(wc.permute({2, 0, 1}));  // taps W_k: [C_out, C_in]
+    const auto V = wino_weights(wc);  // [a, C_out, C_in]
     return {wino_grad_x(gz, V, B, T, dilation), wino_grad_w(gz, xc, dilation)};
   }
   return im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
@@ -772,7 +826,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu
   int64_t k0 = 0;  // direct path: first tap with shift < T (earlier taps never reach a row)
   at::Tensor V;  // Winograd: the transformed weights [a, C_in, C_out]
   if (wino) {
-    V = wino_weights(weight.permute({2, 1, 0}));  // taps W_k^T: [C_in, C_out]
+    V = wino_weights(weight.contiguous()).transpose(1, 2);  // [a, C_in, C_out], a view
   } else if (unfold) {
     Y = at::mm(im2col(xc, K, dilation), weight.contiguous().view({C, C_in * K}).t());  // [N, C_out]
   } else {
@@ -835,7 +889,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
   if (present(z) && z->numel() > 0) {  // the forward's z: the row pass reads it, no pass A
     TORCH_CHECK(z->numel() == N * C, "causal_conv1d_ln_relu_backward: z must be [B, T, C_out] or empty");
     const auto zc = z->to(x.scalar_type()).reshape({N, C}).contiguous();
-    at::Tensor gz = at::empty({N, C}, x.options());
+    const auto gz = thread_scratch(Scratch::kGradZ, {N, C}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_ln_relu_backward_saved_z", [&] {
       using T_ = scalar_t;
       // bias null: the saved z already holds it.
@@ -857,12 +911,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
                             sums.ln_w.data_ptr<T_>(), sums.ln_b.data_ptr<T_>(),
                             bc.defined() ? sums.bias.data_ptr<T_>() : nullptr, C};
     if (wino) {
-      gz = at::empty({N, C}, x.options());
+      gz = thread_scratch(Scratch::kGradZ, {N, C}, x.options());
       rows.gz = gz.data_ptr<T_>();
-      const auto V = wino_weights(weight.permute({2, 1, 0}));  // taps W_k^T: [C_in, C_out]
-      wino_conv<T_>(xc.const_data_ptr<T_>(), V, C_in, C, WinoTiles::of(B, T, dilation), rows);
+      const auto V = wino_weights(wc);  // [a, C_out, C_in]: pass A multiplies by V_i^T, pass B by V_i
+      wino_conv<T_>(xc.const_data_ptr<T_>(), V.transpose(1, 2), C_in, C, WinoTiles::of(B, T, dilation), rows);
       grad_w = wino_grad_w(gz, xc, dilation);
-      grad_x = wino_grad_x(gz, V.transpose(1, 2), B, T, dilation);
+      grad_x = wino_grad_x(gz, V, B, T, dilation);
     } else {
       const auto cols = im2col(xc, K, dilation);
       const auto wf = wc.view({C, C_in * K});
