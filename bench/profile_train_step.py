@@ -24,9 +24,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # (group, substrings of the profiler event names that belong to it), first match wins.
+# Eager calls of the fused conv run as an autograd.Function (_ConvLnReluFunction, see
+# cprec_kernels/conv), compiled ones as the custom ops.
 GROUPS = [
-    ("conv backward", ("cprec::causal_conv1d_ln_relu_backward", "cprec::causal_conv1d_backward")),
-    ("conv forward", ("cprec::causal_conv1d_ln_relu", "cprec::causal_conv1d")),
+    ("conv backward", ("cprec::causal_conv1d_ln_relu_backward", "cprec::causal_conv1d_backward",
+                       "_ConvLnReluFunctionBackward")),
+    ("conv forward", ("cprec::causal_conv1d_ln_relu", "cprec::causal_conv1d", "_ConvLnReluFunction")),
     ("embedding backward", ("cprec::blockwise_embedding_backward",)),
     ("embedding forward", ("cprec::blockwise_embedding",)),
     ("loss backward", ("cprec::adaptive_softmax_loss_backward",)),
