@@ -207,3 +207,25 @@ def test_cuda_compile_check_script():
     result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "embedding.cu ok" in result.stdout
+
+
+def test_eager_call_only_for_plain_eager_tensors():
+    """The ops' direct (no custom-op dispatch) path is for plain eager tensors only:
+    FakeTensors and torch.func-wrapped tensors must reach the registered op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cprec_kernels._core.backends import eager_call
+
+    x = torch.randn(3)
+    assert eager_call(x, None, torch.nn.Parameter(torch.randn(2)))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not eager_call(x, fake)
+    seen = []
+
+    def f(w):
+        seen.append(eager_call(x, w))
+        return w.sum()
+
+    torch.func.grad(f)(x)
+    assert seen == [False]

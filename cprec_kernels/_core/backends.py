@@ -56,11 +56,16 @@ def requested_backend(backend: Optional[str]) -> str:
     return name
 
 
-def eager_call(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` may skip the custom op and run its body directly: plain
-    eager execution, not torch.compile/export tracing (which must see the op) nor a
-    tensor subclass such as FakeTensor."""
-    return not torch.compiler.is_compiling() and type(x) is torch.Tensor
+def eager_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` (None entries skipped) may skip the custom op and
+    run its body directly: plain eager execution, not torch.compile/export tracing
+    (which must see the op), no tensor subclass such as FakeTensor (a Parameter is
+    fine), and no tensor wrapped by a torch.func transform (grad, vmap), which the
+    custom op's registration handles."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and not wrapped(t)) for t in tensors)
 
 
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:

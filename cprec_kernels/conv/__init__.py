@@ -261,7 +261,7 @@ def causal_conv1d_ln_relu(
         raise ValueError(f"eps must be > 0, got {eps}")
     name = CAUSAL_CONV1D_LN_RELU.resolve(backend, x.device, x.dtype)
     args = (x.contiguous(), weight.contiguous(), bias, ln_weight, ln_bias, residual, dilation, float(eps), name)
-    if not eager_call(x):
+    if not eager_call(*args[:6]):
         return _conv_ln_relu_op(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
         return _ConvLnReluFunction.apply(*args)
