@@ -212,6 +212,52 @@ __attribute__((target("avx2,fma"))) void ln_relu_grad_pass2(float* o, const floa
   }
 }
 
+// Splits the 8 triples (x, y, z) at p into x[0:8], y[0:8], z[0:8]: three loads, and per
+// output two blends and one lane permute (the weight's [.., .., 3] layout to tap planes).
+__attribute__((target("avx2,fma"))) inline void split_triples(const float* p, __m256& x, __m256& y, __m256& z) {
+  const __m256 a0 = _mm256_loadu_ps(p), a1 = _mm256_loadu_ps(p + 8), a2 = _mm256_loadu_ps(p + 16);
+  x = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(a0, a1, 0x92), a2, 0x24),
+                               _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  y = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(a0, a1, 0x24), a2, 0x49),
+                               _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
+  z = _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_blend_ps(a0, a1, 0x49), a2, 0x92),
+                               _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+}
+
+// The inverse of split_triples: x, y, z stored as 8 triples at p.
+__attribute__((target("avx2,fma"))) inline void join_triples(float* p, __m256 x, __m256 y, __m256 z) {
+  const __m256 tx = _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  const __m256 ty = _mm256_permutevar8x32_ps(y, _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2));
+  const __m256 tz = _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  _mm256_storeu_ps(p, _mm256_blend_ps(_mm256_blend_ps(tx, ty, 0x92), tz, 0x24));
+  _mm256_storeu_ps(p + 8, _mm256_blend_ps(_mm256_blend_ps(tx, ty, 0x24), tz, 0x49));
+  _mm256_storeu_ps(p + 16, _mm256_blend_ps(_mm256_blend_ps(tx, ty, 0x49), tz, 0x92));
+}
+
+// dst_i[j] = sum_k mat[i][k] * triples[3j + k] for j < n (a multiple of 8), i < A,
+// dst_i = dst + i * plane; the sums as combine_row forms them (zero terms skipped).
+template <int A>
+__attribute__((target("avx2,fma"))) void planes_from_triples(const float* triples, int64_t n,
+                                                             const double (&mat)[A][3], float* dst, int64_t plane) {
+  for (int64_t j = 0; j < n; j += 8) {
+    __m256 t[3];
+    split_triples(triples + 3 * j, t[0], t[1], t[2]);
+    for (int i = 0; i < A; ++i) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < 3; ++k)
+        if (mat[i][k] != 0) acc = _mm256_fmadd_ps(_mm256_set1_ps(float(mat[i][k])), t[k], acc);
+      _mm256_storeu_ps(dst + i * plane + j, acc);
+    }
+  }
+}
+
+// taps [3, n] (rows x, y, z; n a multiple of 8) stored as n triples at out.
+__attribute__((target("avx2,fma"))) void triples_from_taps(const float* taps, int64_t stride, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; j += 8)
+    join_triples(out + 3 * j, _mm256_loadu_ps(taps + j), _mm256_loadu_ps(taps + stride + j),
+                 _mm256_loadu_ps(taps + 2 * stride + j));
+}
+
 }  // namespace avx2
 #endif
 
@@ -431,11 +477,27 @@ void planes_from_taps(const T* src, int64_t rows, int64_t cols, const double (&m
                                                                                           int64_t end) {
     std::vector<T> taps(3 * cols);
     const T* tap[3] = {taps.data(), taps.data() + cols, taps.data() + 2 * cols};
+    int64_t vec = 0;  // leading columns done 8 at a time by AVX2 (float32)
+#ifdef CPREC_HAVE_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      if (have_avx2()) vec = cols / 8 * 8;
+    }
+#endif
     for (int64_t r = begin; r < end; ++r) {
       const T* row = src + r * cols * 3;
-      for (int64_t j = 0; j < cols; ++j)
+      T* out = dst + r * cols;
+#ifdef CPREC_HAVE_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (vec) avx2::planes_from_triples<A>(row, vec, mat, out, rows * cols);
+      }
+#endif
+      // The rest: split into the taps, then combined as rows (the same sums).
+      for (int64_t j = vec; j < cols; ++j)
         for (int k = 0; k < 3; ++k) taps[k * cols + j] = row[3 * j + k];
-      transform_tile<T, A, 3>(tap, mat, cols, dst + r * cols, rows * cols);
+      if (vec < cols) {
+        const T* rest[3] = {tap[0] + vec, tap[1] + vec, tap[2] + vec};
+        transform_tile<T, A, 3>(rest, mat, cols - vec, out + vec, rows * cols);
+      }
     }
   });
 }
@@ -712,7 +774,16 @@ void grad_w_from_partials(const T* parts, const std::vector<int64_t>& used, int6
       }
       transform_tile<T, 3, kWino2A>(src, kWino2GT, C_in, taps, C_in);
       T* o = out + c * C_in * 3;
-      for (int64_t j = 0; j < C_in; ++j)
+      int64_t j = 0;
+#ifdef CPREC_HAVE_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (have_avx2()) {
+          j = C_in / 8 * 8;
+          avx2::triples_from_taps(taps, C_in, j, o);
+        }
+      }
+#endif
+      for (; j < C_in; ++j)
         for (int k = 0; k < 3; ++k) o[3 * j + k] = taps[k * C_in + j];
     }
   });
