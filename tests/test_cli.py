@@ -224,3 +224,18 @@ def test_tied_cprec_with_filter_trains_saves_and_evaluates(capsys, tmp_path):
     tied = run_json(capsys, "params", "--min-item-count", "3", "--min-user-count", "5", "--tie-embeddings")
     assert tied["params"]["compressed"]["output"] < untied["params"]["compressed"]["output"]
     assert tied["compression_ratio"] > untied["compression_ratio"]
+
+
+def test_exclude_seen_flag_reaches_every_evaluation(capsys, tmp_path):
+    """--exclude-seen ranks only unseen items in validation (early stopping), test, the
+    popularity baseline and `cprec evaluate` of the checkpoint; it can only lift a rank."""
+    pop = run_json(capsys, "train", "--model", "pop", "--quiet", "--max-len", "20")
+    pop_unseen = run_json(capsys, "train", "--model", "pop", "--quiet", "--max-len", "20", "--exclude-seen")
+    assert pop_unseen["test"]["HR@10"] > pop["test"]["HR@10"]
+    assert pop_unseen["baseline_test"] == pop_unseen["test"]
+    out = tmp_path / "run"
+    result = run_json(capsys, "train", *TINY, "--exclude-seen", "--output", str(out))
+    assert result["exclude_seen"] is True and pop["exclude_seen"] is False
+    evaluated = run_json(capsys, "evaluate", str(out / "checkpoint.pt"))
+    for name, value in result["test"].items():
+        assert evaluated["test"][name] == pytest.approx(value, abs=1e-6)

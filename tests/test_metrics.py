@@ -96,3 +96,43 @@ def test_leave_one_out_holds_out_each_users_last_two_items(shared_data):
         assert data.test.inputs[u, -1] == valid[u]  # the test history ends with the validation item
     # the windows train exactly the prefix targets, nothing held out
     assert int((data.train.targets != data.pad).sum()) == len(prefixes)
+
+
+def test_exclude_seen_masks_history_but_never_the_target():
+    from cprec.metrics import exclude_seen
+
+    scores = torch.arange(6 * 3, dtype=torch.float32).view(3, 6)  # higher id, higher score
+    target = torch.tensor([1, 2, 0])
+    seen = [np.array([5, 4, 1]), [], np.array([0, 3, 3])]  # row 0 saw its target; row 2 repeats
+    out = exclude_seen(scores, seen, target)
+    assert torch.isinf(out[0, [4, 5]]).all() and out[0, 1] == scores[0, 1]  # the target keeps its score
+    assert torch.equal(out[1], scores[1])
+    assert torch.isinf(out[2, 3]) and out[2, 0] == scores[2, 0]
+    assert torch.equal(~torch.isinf(out), torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 1, 1]]).bool())
+    # Masking others can only lift the target: rank 4 -> 2 in row 0 (items 2, 3 remain above).
+    assert target_ranks(scores, target)[0] == 4 and target_ranks(out, target)[0] == 2
+
+
+def test_leave_one_out_keeps_the_whole_history_as_seen():
+    seq = [str(i) for i in range(12)]
+    data = build_dataset([seq, ["a", "b", "c"]], max_len=4)
+    tokens = data.item_tokens
+    for examples, held in ((data.valid, 2), (data.test, 1)):
+        seen = [[tokens[i] for i in s] for s in examples.seen]
+        assert seen[0] == seq[:-held]  # longer than max_len: all of it, not the last 4
+        assert seen[1] == ["a", "b", "c"][:-held]
+
+
+def test_evaluate_exclude_seen_lifts_popularity_on_histories_of_popular_items():
+    from cprec.models import PopularityModel
+    from cprec.train import evaluate
+
+    # Every user watched the two most popular items and one of three mid ones first; the
+    # test target is another mid one, below the popular items the user already saw.
+    seqs = [["p1", "p2", f"t{u % 3}", f"x{u}", f"t{(u + 1) % 3}"] for u in range(30)]
+    data = build_dataset(seqs, max_len=5)
+    model = PopularityModel(data.num_items, data.counts)
+    plain = evaluate(model, data.test, exclude_seen=False)
+    masked = evaluate(model, data.test, exclude_seen=True)
+    assert masked["NDCG@10"] > plain["NDCG@10"]
+    assert all(masked[k] >= plain[k] for k in plain)

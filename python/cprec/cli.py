@@ -56,6 +56,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "--min-user-count, repeated until both hold (default: %(default)s, no filter)")
     g.add_argument("--min-user-count", type=int, default=0, metavar="N", help="see --min-item-count "
                    "(default: %(default)s)")
+    g.add_argument("--exclude-seen", action="store_true", help="validation and test rank only the items the "
+                   "user has not interacted with before the target (the target always competes), as the published "
+                   "SASRec/gSASRec ML-1M protocol filters rated items (default: rank all items)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batch order (default: %(default)s)")
 
 
@@ -204,7 +207,7 @@ def _train_config(args) -> TrainConfig:
         seed=args.seed, d=args.dim, block_dilations=args.dilations, kernel_size=args.kernel_size,
         sharing=args.sharing, cutoffs=args.cutoffs, coverage=args.coverage, div_value=args.div_value,
         head_projection=args.head_projection, tie_embeddings=args.tie_embeddings, tie_projections=args.tie_projections,
-        min_item_count=args.min_item_count, min_user_count=args.min_user_count,
+        min_item_count=args.min_item_count, min_user_count=args.min_user_count, exclude_seen=args.exclude_seen,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         objective=args.objective, input_layer=args.input_layer, output_layer=args.output_layer, num_layers=args.num_layers,
         num_heads=args.num_heads, dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

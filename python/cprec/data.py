@@ -286,10 +286,13 @@ def read_sequences(path, fmt: str = "auto") -> List[List[str]]:
 @dataclass
 class Examples:
     """Model inputs: ``inputs [n, T]`` item ids left-padded with V, ``targets [n, T]``
-    (next item at each position, V where there is none)."""
+    (next item at each position, V where there is none). Evaluation examples also keep
+    ``seen``: per example, every item id of the user's history before the target (not
+    only the last T), for rankings that exclude items already interacted with."""
 
     inputs: np.ndarray
     targets: np.ndarray
+    seen: Optional[List[np.ndarray]] = None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -388,16 +391,19 @@ def _history(seq: np.ndarray, max_len: int, pad: int) -> Tuple[np.ndarray, np.nd
 
 
 def _stack(pairs, max_len: int) -> Examples:
+    """Examples from (input, target) pairs, or (input, target, seen) for evaluation."""
     if not pairs:
         return Examples(np.zeros((0, max_len), np.int64), np.zeros((0, max_len), np.int64))
-    return Examples(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+    seen = [p[2] for p in pairs] if len(pairs[0]) > 2 else None
+    return Examples(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), seen)
 
 
 def _eval_example(history: np.ndarray, target: int, max_len: int, pad: int):
-    """Evaluation example: only the last position has a target."""
+    """Evaluation example: only the last position has a target; the whole history is
+    kept as its seen items."""
     y = np.full(max_len, pad, dtype=np.int64)
     y[-1] = target
-    return _history(history, max_len, pad), y
+    return _history(history, max_len, pad), y, history
 
 
 def build_dataset(

@@ -20,6 +20,25 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (scores >= t).sum(dim=1) - 1
 
 
+def exclude_seen(scores: torch.Tensor, seen: Sequence, target: torch.Tensor) -> torch.Tensor:
+    """scores [N, V] with -inf at each row's seen items other than its target.
+
+    seen: per row, the item ids the user interacted with before the target (any
+    integer sequence). The target keeps its score even when it was seen before, so on
+    data with repeat consumption a repeated target still competes with the unseen items.
+    """
+    V = scores.shape[1]
+    width = max((len(s) for s in seen), default=0)
+    if width == 0:
+        return scores
+    index = torch.full((scores.shape[0], width), V, dtype=torch.long)
+    for row, items in enumerate(seen):
+        index[row, : len(items)] = torch.as_tensor(items, dtype=torch.long)
+    # Column V takes the padding and is dropped afterwards.
+    masked = torch.nn.functional.pad(scores, (0, 1)).scatter(1, index.to(scores.device), float("-inf"))[:, :V]
+    return masked.scatter(1, target.unsqueeze(1), scores.gather(1, target.unsqueeze(1)))
+
+
 def metric_names(ks: Sequence[int] = KS) -> List[str]:
     """Metric names grouped by metric: MRR@5, MRR@10, ..., HR@5, ..., NDCG@20; every
     table and result dict (one process or many) uses this order."""

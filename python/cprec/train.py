@@ -24,6 +24,7 @@ from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator, metric_names
+from .metrics import exclude_seen as metrics_exclude_seen
 from .models import PopularityModel, Recommender, build_model, model_ends
 from .schedule import check_schedule, make_scheduler
 
@@ -67,6 +68,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 3
+    exclude_seen: bool = False  # rank only items the user has not interacted with (validation and test)
     lr_schedule: str = "constant"  # constant | linear | cosine decay to 0 at the last step of the epoch cap
     warmup_steps: float = 0  # linear warm-up over N steps, or this fraction of all steps when < 1
     eval_batch_size: int = 256
@@ -170,8 +172,11 @@ def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, device=None) -> Dict[str, float]:
-    """Full-ranking metrics of the last position's target over all V items.
+def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, device=None,
+             exclude_seen: bool = False) -> Dict[str, float]:
+    """Full-ranking metrics of the last position's target over all V items, or, with
+    ``exclude_seen``, over the items the user has not interacted with before (the
+    target always competes; see ``metrics.exclude_seen``).
 
     Under ``torch.distributed`` each process ranks every N-th example and the metric
     sums are all-reduced, so every process returns the metrics of all examples.
@@ -184,7 +189,12 @@ def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, devi
     for start in range(rank * batch_size, len(examples), batch_size * world):
         inputs = torch.from_numpy(examples.inputs[start : start + batch_size]).to(device)
         targets = torch.from_numpy(examples.targets[start : start + batch_size, -1]).to(device)
-        acc.add(model.scores(inputs).float(), targets)
+        scores = model.scores(inputs).float()
+        if exclude_seen:
+            if examples.seen is None:
+                raise ValueError("exclude_seen needs evaluation examples that keep their seen items")
+            scores = metrics_exclude_seen(scores, examples.seen[start : start + batch_size], targets)
+        acc.add(scores, targets)
     model.train(was_training)
     if world > 1:
         names = metric_names(acc.ks)
@@ -328,7 +338,8 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     model = build_model(mcfg, data.counts).to(device)
     ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
     log_path = out_dir / "train_log.jsonl" if out_dir is not None and main_process else None
-    baseline = evaluate(PopularityModel(data.num_items, data.counts).to(device), data.test, cfg.eval_batch_size, device)
+    baseline = evaluate(PopularityModel(data.num_items, data.counts).to(device), data.test, cfg.eval_batch_size, device,
+                        cfg.exclude_seen)
 
     state = {
         "epoch": 0, "step": 0, "global_step": 0, "epoch_loss": [0.0, 0.0], "best_score": -math.inf,
@@ -351,13 +362,14 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
             model.load_state_dict(state["best_model"])
     else:
         state["best_model"] = copy.deepcopy(model.state_dict())
-    valid = evaluate(model, data.valid, cfg.eval_batch_size, device)
-    test = evaluate(model, data.test, cfg.eval_batch_size, device)
+    valid = evaluate(model, data.valid, cfg.eval_batch_size, device, cfg.exclude_seen)
+    test = evaluate(model, data.test, cfg.eval_batch_size, device, cfg.exclude_seen)
     result = {
         "model": cfg.model,
         "dataset": data.name,
         "split": data.split,
         "objective": cfg.objective,
+        "exclude_seen": cfg.exclude_seen,  # metrics over the items the user had not seen, or over all
         "data_stats": data.stats,
         "model_config": mcfg,
         "params": model.num_parameters(),
@@ -452,7 +464,7 @@ def _fit(cfg, data, model, optimizer, state, device, ckpt_path, log_path, mcfg, 
                 save()
             if fail_at and state["global_step"] == fail_at and distributed.restart_count() == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
-        valid = evaluate(model, data.valid, cfg.eval_batch_size, device)
+        valid = evaluate(model, data.valid, cfg.eval_batch_size, device, cfg.exclude_seen)
         score = valid[SELECT_METRIC]
         improved = score > state["best_score"]
         if improved:
@@ -493,6 +505,6 @@ def evaluate_checkpoint(path, data_path=None, device: str = "auto", batch_size: 
         "model": mcfg["model"],
         "dataset": data.name,
         "params": model.num_parameters(),
-        "valid": evaluate(model, data.valid, batch_size, dev),
-        "test": evaluate(model, data.test, batch_size, dev),
+        "valid": evaluate(model, data.valid, batch_size, dev, cfg.exclude_seen),
+        "test": evaluate(model, data.test, batch_size, dev, cfg.exclude_seen),
     }
