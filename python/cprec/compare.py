@@ -321,6 +321,13 @@ def plot(spec: dict, rows: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _ranked_items(spec: dict) -> str:
+    """What the tables' full ranking is over: the spec's ``exclude_seen`` (TrainConfig's)."""
+    if spec.get("common", {}).get("exclude_seen") or any(r.get("exclude_seen") for r in spec["runs"]):
+        return "the items each user had not interacted with before the target (exclude_seen)"
+    return "all items"
+
+
 def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
     """results.md, results.csv and ndcg_vs_params.png in ``out_dir`` from the finished runs."""
     rows = collect(spec, out_dir)
@@ -332,7 +339,7 @@ def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
         "",
         produced_by,
         f"Data `{spec.get('data') or 'shipped ml-latest-small'}`, split {spec.get('split', 'leave-one-out')}, "
-        f"full ranking over all items, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
+        f"full ranking over {_ranked_items(spec)}, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
         "'seeds'). Compression is the parameter count of "
         f"'{spec.get('baseline')}' divided by the run's. 's / epoch' is the median epoch's wall time, validation included. Rows with "
         "fewer seeds than listed, or 'not run', had not finished when the table was written; the same spec "
