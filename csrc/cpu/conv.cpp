@@ -504,7 +504,8 @@ void planes_from_taps(const T* src, int64_t rows, int64_t cols, const double (&m
 
 // V [a, C_out, C_in], V_i = sum_k G[i][k] W_k: weight [C_out, C_in, 3] (contiguous).
 // The forward multiplies by V_i^T (a transposed view: BLAS reads it as such), the input
-// gradient by V_i. V is the calling thread's scratch (see thread_scratch).
+// gradient by V_i. V is the calling thread's scratch (see thread_scratch); inside a
+// parallel region the thread forms all of it alone.
 at::Tensor wino_weights(const at::Tensor& weight) {
   const int64_t C = weight.size(0), C_in = weight.size(1);
   auto V = thread_scratch(Scratch::kWinoWeights, {kWinoA, C, C_in}, weight.options());
@@ -544,19 +545,33 @@ struct WinoChunks {
   }
 };
 
+// Which product a Winograd conv takes with the weight planes V_i [C_out, C_in] of a
+// weight [C_out, C_in, 3]: the causal conv (C_in -> C_out) multiplies the tiles by V_i^T,
+// its input gradient (the anti-causal conv C_out -> C_in) by V_i.
+enum class WinoProduct { kConv, kInputGrad };
+
 // A Winograd convolution in ONE parallel region: each thread runs, per chunk,
 // input transform -> a GEMMs (sequential BLAS inside the region) -> epilogue, on buffers
 // of its own that stay in L2 and are reused across its chunks. One region, no
 // tile-sized buffers (their first-touch page faults cost as much as the transforms),
 // and the epilogue reads M while it is still in cache.
-// x: [B*T, C_in] rows (w.row order), V: [a, C_in, C]. For each output (b, t < T):
-// out_row(row, n, coef, src, scratch) with the row's value sum_k coef_k * src_k (C wide;
-// scratch: C floats of the thread).
+// Each thread forms its own copy of the weight planes (wino_weights into its scratch):
+// planes written by one core and read by another cost more than forming them twice.
+// Measured at B = 16, T = 50, d = 256, 2 threads (perf, fused forward): forming the
+// planes in parallel into one shared copy took 12% of the samples and BLAS's packing of
+// them another 12% (3% and 6% on 1 thread).
+// x: [B*T, C_in] rows (w.row order), weight: [C_out, C_in, 3] contiguous; C_in and C are
+// the input and output widths of this conv (swapped for kInputGrad). For each output
+// (b, t < T): out_row(row, n, coef, src, scratch) with the row's value
+// sum_k coef_k * src_k (C wide; scratch: C floats of the thread).
 template <typename T, typename OutRow>
-void wino_conv(const T* x, const at::Tensor& V, int64_t C_in, int64_t C, const WinoTiles& w, const OutRow& out_row) {
+void wino_conv(const T* x, const at::Tensor& weight, WinoProduct product, int64_t C_in, int64_t C,
+               const WinoTiles& w, const OutRow& out_row) {
   const auto plan = WinoChunks::of(w);
   at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowAutograd below_autograd;  // worker threads do not inherit the caller's
+    const auto planes = wino_weights(weight);      // [a, C_out, C_in], this thread's scratch
+    const auto V = product == WinoProduct::kConv ? planes.transpose(1, 2) : planes;  // [a, C_in, C]
     auto U = thread_scratch(Scratch::kTransformIn, {kWinoA, plan.size, C_in}, V.options());
     auto M = thread_scratch(Scratch::kTransformOut, {kWinoA, plan.size, C}, V.options());
     std::vector<T> scratch(C);
@@ -717,11 +732,10 @@ std::tuple<at::Tensor, at::Tensor> im2col_backward(const at::Tensor& gz, const a
   return {col2im(at::mm(gz, wf), B, T, C_in, K, dilation), grad_w};
 }
 
-// Pass B: grad_x [B, T, C_in] = the anti-causal conv of gz [N, C_out] by Winograd.
-// V [a, C_out, C_in]: wino_weights of the weight (pass A of the fused backward uses the
-// same planes transposed).
-at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& V, int64_t B, int64_t T, int64_t dilation) {
-  const int64_t C = V.size(1), C_in = V.size(2);
+// Pass B: grad_x [B, T, C_in] = the anti-causal conv of gz [N, C_out] by Winograd;
+// weight [C_out, C_in, 3] contiguous.
+at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& weight, int64_t B, int64_t T, int64_t dilation) {
+  const int64_t C = weight.size(0), C_in = weight.size(1);
   auto gx = at::empty({B, T, C_in}, gz.options());
   const auto tiles = WinoTiles::of(B, T, dilation, /*reversed=*/true);
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "causal_conv1d_backward_grad_x", [&] {
@@ -730,7 +744,7 @@ at::Tensor wino_grad_x(const at::Tensor& gz, const at::Tensor& V, int64_t B, int
     auto store = [&](int64_t r, int64_t n, const T_* coef, const T_* const* src, T_*) {
       combine_row<T_>(out + r * C_in, n, coef, src, nullptr, C_in);
     };
-    wino_conv<T_>(gz.const_data_ptr<T_>(), V, C, C_in, tiles, store);
+    wino_conv<T_>(gz.const_data_ptr<T_>(), weight, WinoProduct::kInputGrad, C, C_in, tiles, store);
   });
   return gx;
 }
@@ -858,8 +872,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& gz, const at::Te
                                               int64_t dilation) {
   const int64_t B = xc.size(0), T = xc.size(1), C = wc.size(0), K = wc.size(2);
   if (use_winograd_backward(B, T, xc.size(2), C, K, dilation)) {
-    const auto V = wino_weights(wc);  // [a, C_out, C_in]
-    return {wino_grad_x(gz, V, B, T, dilation), wino_grad_w(gz, xc, dilation)};
+    return {wino_grad_x(gz, wc, B, T, dilation), wino_grad_w(gz, xc, dilation)};
   }
   return im2col_backward(gz, im2col(xc, K, dilation), wc.view({C, -1}), xc, K, dilation);
 }
@@ -902,12 +915,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu
   const bool unfold = !wino && use_im2col(B, T, C);
   at::Tensor Y;  // direct and im2col paths: the GEMM output the epilogue reads (see "Fused forward")
   int64_t k0 = 0;  // direct path: first tap with shift < T (earlier taps never reach a row)
-  at::Tensor V;  // Winograd: the transformed weights [a, C_in, C_out]
-  if (wino) {
-    V = wino_weights(weight.contiguous()).transpose(1, 2);  // [a, C_in, C_out], a view
-  } else if (unfold) {
-    Y = at::mm(im2col(xc, K, dilation), weight.contiguous().view({C, C_in * K}).t());  // [N, C_out]
-  } else {
+  const auto wc = weight.contiguous();
+  if (unfold) {  // (Winograd: wino_conv forms the weight planes)
+    Y = at::mm(im2col(xc, K, dilation), wc.view({C, C_in * K}).t());  // [N, C_out]
+  } else if (!wino) {
     while (k0 < K && shift_of(k0, K, dilation) >= T) ++k0;
     // [C_in, K' * C_out]: column block k - k0 is W_k^T.
     const auto wcat = weight.narrow(2, k0, K - k0).permute({1, 2, 0}).reshape({C_in, (K - k0) * C});
@@ -923,7 +934,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_ln_relu
       auto row = [&](int64_t r, int64_t n, const T_* coef, const T_* const* src, T_*) {
         ln_relu_row<T_>(r, n, coef, src, C, pb, pg, pl, pr, po, pm, ps, eps, pz + r * C);
       };
-      wino_conv<T_>(xc.const_data_ptr<T_>(), V, C_in, C, WinoTiles::of(B, T, dilation), row);
+      wino_conv<T_>(xc.const_data_ptr<T_>(), wc, WinoProduct::kConv, C_in, C, WinoTiles::of(B, T, dilation), row);
     } else {
       const int64_t width = (K - k0) * C;
       auto gather = [&](int64_t r, T_* coef, const T_** src) -> int64_t {
@@ -991,10 +1002,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
     if (wino) {
       gz = thread_scratch(Scratch::kGradZ, {N, C}, x.options());
       rows.gz = gz.data_ptr<T_>();
-      const auto V = wino_weights(wc);  // [a, C_out, C_in]: pass A multiplies by V_i^T, pass B by V_i
-      wino_conv<T_>(xc.const_data_ptr<T_>(), V.transpose(1, 2), C_in, C, WinoTiles::of(B, T, dilation), rows);
+      wino_conv<T_>(xc.const_data_ptr<T_>(), wc, WinoProduct::kConv, C_in, C, WinoTiles::of(B, T, dilation), rows);
       grad_w = wino_grad_w(gz, xc, dilation);
-      grad_x = wino_grad_x(gz, V, B, T, dilation);
+      grad_x = wino_grad_x(gz, wc, B, T, dilation);
     } else {
       const auto cols = im2col(xc, K, dilation);
       const auto wf = wc.view({C, C_in * K});
