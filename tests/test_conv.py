@@ -396,9 +396,10 @@ BWD_WINOGRAD = [
     (3, 37, 48, 40, 3, 4),  # 144 tile rows for 111: under the padding limit (148)
     (1, 64, 33, 35, 3, 1),  # B*T = 64, the smallest Winograd batch; odd widths
     (2, 40, 32, 32, 3, 2),  # C = 32, the narrowest Winograd width
+    (2, 50, 40, 36, 3, 8),  # phases of 7 and 6: 4 and 3 grad_W tiles (no tile wholly past T)
 ]
 BWD_IM2COL = [
-    (3, 37, 48, 40, 3, 8),  # 192 tile rows for 111: over the backward's padding limit
+    (3, 37, 48, 40, 3, 8),  # 156 tile rows for 111: over the backward's padding limit (148)
     (1, 63, 33, 35, 3, 1),  # B*T = 63
     (2, 40, 31, 40, 3, 1),  # C_in = 31
     (2, 40, 40, 31, 3, 1),  # C_out = 31

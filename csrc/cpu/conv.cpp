@@ -394,21 +394,36 @@ constexpr double kWinoG[kWinoA][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0
                                       {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 constexpr double kWinoAT[kWinoM][kWinoA] = {
     {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
-// Tiles of the Winograd path: per batch, per dilation phase p, nq tiles of m outputs;
-// tile (b, p, q) starts at t0 = p + q*m*dil. With `reversed`, time t of the problem is
-// row T-1-t of its batch in memory (the anti-causal input gradient as a causal conv).
+// Tiles of the Winograd path: per batch, per dilation phase p (times p, p + dil, ...),
+// enough tiles of m outputs to cover the phase; tile (b, p, q) starts at t0 = p + q*m*dil.
+// Phases differ in length by at most one: the first r phases have `longest` times and
+// take nq tiles, the others one time fewer and nq_short tiles. A uniform nq for every
+// phase left whole tiles past T (dilation 4 at T = 50: 2 of 16 F(4,3) tiles per batch
+// row; dilation 8 at T = 50: 6 of 32 F(3,2) tiles) that cost GEMM rows and produced
+// nothing. With `reversed`, time t of the problem is row T-1-t of its batch in memory
+// (the anti-causal input gradient as a causal conv; the same tiles in that time).
 struct WinoTiles {
-  int64_t B, T, dil, nq;
+  int64_t B, T, dil, r, nq, nq_short;
   bool reversed;
   int64_t m;  // outputs per tile
-  int64_t count() const { return B * dil * nq; }
+  int64_t per_batch() const { return r * nq + (dil - r) * nq_short; }
+  int64_t count() const { return B * per_batch(); }
   static WinoTiles of(int64_t B, int64_t T, int64_t dil, bool reversed = false, int64_t m = kWinoM) {
-    const int64_t longest = (T + dil - 1) / dil;  // phase 0 is the longest
-    return {B, T, dil, (longest + m - 1) / m, reversed, m};
+    const int64_t longest = (T + dil - 1) / dil;  // phase 0 is among the longest
+    const int64_t r = T - (longest - 1) * dil;    // phases 0 .. r-1 have `longest` times
+    return {B, T, dil, r, (longest + m - 1) / m, (longest - 1 + m - 1) / m, reversed, m};
   }
   void start(int64_t tile, int64_t& b, int64_t& t0) const {
-    const int64_t q = tile % nq, p = (tile / nq) % dil;
-    b = tile / (nq * dil);
+    b = tile / per_batch();
+    int64_t rest = tile % per_batch(), p, q;
+    if (rest < r * nq) {
+      p = rest / nq;
+      q = rest % nq;
+    } else {
+      rest -= r * nq;
+      p = r + rest / nq_short;
+      q = rest % nq_short;
+    }
     t0 = p + q * m * dil;
   }
   int64_t row(int64_t b, int64_t t) const { return b * T + (reversed ? T - 1 - t : t); }
@@ -417,8 +432,9 @@ struct WinoTiles {
 // Winograd pays off on GEMM-bound sizes only, and only when the tiles do not overshoot
 // T by much (dilations close to T leave half-empty tiles); else the direct path (the
 // forward) or im2col (the backwards). The tiles may pad B*T rows by a third: a padded
-// tile still costs 0.5 * 4/3 = 0.67 of a direct GEMM. Measured at d = 256 (CPU time of
-// one thread on a loaded machine, min of 5 runs of 10, interleaved): the fused forward
+// tile still costs 0.5 * 4/3 = 0.67 of a direct GEMM. Measured at d = 256 when every
+// phase still had the longest phase's tile count (CPU time of one thread on a loaded
+// machine, min of 5 runs of 10, interleaved): the fused forward
 // at T = 50, dilation 4 or 8 (28% padding) 2.9-3.0 vs 3.7-3.8 ms direct, at T = 100,
 // dilation 8 (28%) 11.8 vs 16.1 ms; the fused backward at T = 50, dilation 4 (23%) 9.5
 // vs 11.6-12.1 ms im2col, at T = 100, dilation 8 (28%) 34 vs 44-49 ms.
