@@ -414,8 +414,9 @@ struct WinoTiles {
     return {B, T, dil, r, (longest + m - 1) / m, (longest - 1 + m - 1) / m, reversed, m};
   }
   void start(int64_t tile, int64_t& b, int64_t& t0) const {
-    b = tile / per_batch();
-    int64_t rest = tile % per_batch(), p, q;
+    const int64_t per = per_batch();
+    b = tile / per;
+    int64_t rest = tile % per, p, q;
     if (rest < r * nq) {
       p = rest / nq;
       q = rest % nq;

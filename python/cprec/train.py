@@ -181,6 +181,8 @@ def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, devi
     Under ``torch.distributed`` each process ranks every N-th example and the metric
     sums are all-reduced, so every process returns the metrics of all examples.
     """
+    if exclude_seen and examples.seen is None:
+        raise ValueError("exclude_seen needs evaluation examples that keep their seen items")
     device = device or next(iter(model.buffers()), torch.empty(0)).device
     was_training = model.training
     model.eval()
@@ -191,8 +193,6 @@ def evaluate(model: Recommender, examples: Examples, batch_size: int = 256, devi
         targets = torch.from_numpy(examples.targets[start : start + batch_size, -1]).to(device)
         scores = model.scores(inputs).float()
         if exclude_seen:
-            if examples.seen is None:
-                raise ValueError("exclude_seen needs evaluation examples that keep their seen items")
             scores = metrics_exclude_seen(scores, examples.seen[start : start + batch_size], targets)
         acc.add(scores, targets)
     model.train(was_training)
