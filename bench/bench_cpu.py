@@ -16,21 +16,18 @@ import torch
 
 import cprec_kernels as ck
 from cprec_kernels.nn import CausalConv1d, NextItNetBlock, every_nth_from_end, input_stride, last_position
-from cprec_kernels.testing import conv_by_padding, conv_ln_relu_by_modules, cutoffs_for, eager_blockwise_embedding
+from cprec_kernels.testing import conv_by_padding, cutoffs_for, eager_blockwise_embedding
 from conftest import sizes, zipf_ids
+from cpu_steps import CONV_IMPLS, LOSS_IMPLS, adaptive_loss_step, compiled, conv_ln_relu_step, eager_conv_ln_relu
 
 try:
     importlib.import_module("cprec_kernels._core.cpu_extension")
 except ModuleNotFoundError:
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
-IMPLS = ["cpu", "eager", "compile"]
+IMPLS = CONV_IMPLS
 if os.environ.get("CPREC_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["CPREC_BENCH_THREADS"]))
-
-
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
 
 
 def _bench(benchmark, group, fn):
@@ -65,7 +62,7 @@ def test_blockwise_embedding_fwd_bwd(benchmark, impl, n, vocab, d):
     ids = zipf_ids(n, vocab, device="cpu")
     params = weights + [p for p in projs if p is not None]
     grad = torch.randn(n, d)
-    eager = _compiled(eager_blockwise_embedding) if impl == "compile" else eager_blockwise_embedding
+    eager = compiled(eager_blockwise_embedding) if impl == "compile" else eager_blockwise_embedding
 
     def step():
         if impl == "cpu":
@@ -86,58 +83,15 @@ def test_blockwise_embedding_fwd_bwd(benchmark, impl, n, vocab, d):
     "n,d,vocab,cutoffs",
     sizes([(512, 64, 10_000, [200, 1_000, 5_000])], [(4096, 256, 100_000, [2_000, 10_000, 50_000])]),
 )
-@pytest.mark.parametrize("impl", IMPLS + ["gemm-floor"])
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
 def test_adaptive_softmax_loss_fwd_bwd(benchmark, impl, n, d, vocab, cutoffs):
-    """``gemm-floor`` times only the matrix products every exact implementation does
-    (per layer, on the rows it sees: the logits, and the two gradient GEMMs), with
-    no softmax, gathers or allocations around them: no implementation can beat it,
-    so eager / floor bounds the speedup any kernel can show over the eager module."""
-    torch.manual_seed(0)
-    module = torch.nn.AdaptiveLogSoftmaxWithLoss(d, vocab, cutoffs, div_value=4.0)
-    hidden = torch.randn(n, d, requires_grad=True)
-    target = zipf_ids(n, vocab, device="cpu")
-    projs = [t[0].weight for t in module.tail]
-    tails = [t[1].weight for t in module.tail]
-    run = _compiled(module) if impl == "compile" else module
-    bounds = list(zip(cutoffs, cutoffs[1:] + [vocab]))
-    tail_rows = [hidden.detach()[(target >= lo) & (target < hi)] for lo, hi in bounds]
-
-    def gemms(h, weight, proj=None):
-        """Forward and backward products of one layer: (projection,) logits."""
-        z = h if proj is None else torch.mm(h, proj.t())
-        g = torch.mm(z, weight.t())
-        grad_z = torch.mm(g, weight)
-        torch.mm(g.t(), z)
-        if proj is not None:
-            torch.mm(grad_z.t(), h), torch.mm(grad_z, proj)
-
-    def step():
-        if impl == "gemm-floor":
-            with torch.no_grad():
-                gemms(hidden.detach(), module.head.weight.detach())
-                for rows, proj, tail in zip(tail_rows, projs, tails):
-                    gemms(rows, tail.detach(), proj.detach())
-            return
-        if impl == "cpu":
-            loss = ck.adaptive_softmax_loss(hidden, target, module.head.weight, module.head.bias, projs, tails,
-                                            cutoffs + [vocab], backend="cpu")
-        else:
-            loss = run(hidden, target).loss
-        loss.backward()
-        hidden.grad = None
-        module.zero_grad(set_to_none=True)
-
-    _bench(benchmark, f"adaptive loss fwd+bwd N={n} d={d} V={vocab}", step)
+    """See ``cpu_steps.adaptive_loss_step``; ``gemm-floor`` bounds every implementation."""
+    _bench(benchmark, f"adaptive loss fwd+bwd N={n} d={d} V={vocab}", adaptive_loss_step(impl, n, d, vocab, cutoffs))
 
 
 # --------------------------------------------------------------------------------------
 # causal conv + LayerNorm + ReLU (+ residual), inference forward
 # --------------------------------------------------------------------------------------
-def eager_conv_ln_relu(x, w, b, ln_w, ln_b, residual, dilation, eps=1e-8):
-    """NextItNet's conv layer as eager PyTorch: padded copy, conv1d, LayerNorm, ReLU."""
-    return conv_ln_relu_by_modules(x, w, b, ln_w, ln_b, dilation, eps, residual)
-
-
 @pytest.mark.parametrize("batch,t,c", sizes([(4, 50, 64)], [(32, 100, 256), (1, 50, 256)]))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_conv_ln_relu_inference(benchmark, impl, batch, t, c):
@@ -145,7 +99,7 @@ def test_conv_ln_relu_inference(benchmark, impl, batch, t, c):
     x = torch.randn(batch, t, c)
     w, b = torch.randn(c, c, 3) / (3 * c) ** 0.5, torch.randn(c)
     ln_w, ln_b = torch.ones(c), torch.zeros(c)
-    eager = _compiled(eager_conv_ln_relu) if impl == "compile" else eager_conv_ln_relu
+    eager = compiled(eager_conv_ln_relu) if impl == "compile" else eager_conv_ln_relu
 
     @torch.no_grad()
     def step():
@@ -159,26 +113,8 @@ def test_conv_ln_relu_inference(benchmark, impl, batch, t, c):
 @pytest.mark.parametrize("batch,t,c", sizes([(4, 50, 64)], [(16, 50, 256), (32, 100, 256)]))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_conv_ln_relu_fwd_bwd(benchmark, impl, batch, t, c):
-    """Training: forward + backward of one conv layer per dilation 1, 2, 4, 8 (one
-    NextItNet block pair each), the grads of x, the weights and the LN parameters."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, t, c, requires_grad=True)
-    layers = [(torch.randn(c, c, 3) / (3 * c) ** 0.5, torch.randn(c), torch.ones(c), torch.zeros(c)) for _ in range(4)]
-    layers = [[p.requires_grad_() for p in layer] for layer in layers]
-    grad = torch.randn(batch, t, c)
-    eager = _compiled(eager_conv_ln_relu) if impl == "compile" else eager_conv_ln_relu
-
-    def step():
-        for (w, b, ln_w, ln_b), dil in zip(layers, (1, 2, 4, 8)):
-            if impl == "cpu":
-                out = ck.causal_conv1d_ln_relu(x, w, b, ln_w, ln_b, dil, 1e-8, residual=x, backend="cpu")
-            else:
-                out = eager(x, w, b, ln_w, ln_b, x, dil)
-            out.backward(grad)
-        for p in [x] + [p for layer in layers for p in layer]:
-            p.grad = None
-
-    _bench(benchmark, f"conv+ln+relu fwd+bwd dilations 1-8 B={batch} T={t} C={c}", step)
+    """Training: see ``cpu_steps.conv_ln_relu_step`` (one layer per dilation 1, 2, 4, 8)."""
+    _bench(benchmark, f"conv+ln+relu fwd+bwd dilations 1-8 B={batch} T={t} C={c}", conv_ln_relu_step(impl, batch, t, c))
 
 
 # --------------------------------------------------------------------------------------

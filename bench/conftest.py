@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from cprec_kernels import testing
+
 FULL = os.environ.get("CPREC_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -20,12 +22,8 @@ def sizes(small, full):
 
 
 def zipf_ids(n: int, vocab: int, exponent: float = 1.1, device=DEVICE, generator=None) -> torch.Tensor:
-    """n ids in [0, vocab) drawn from a Zipf law (id 0 most frequent), as item
-    popularity in recommendation data is."""
-    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
-    probs = ranks.pow(-exponent)
-    ids = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
-    return ids.to(device)
+    """``cprec_kernels.testing.zipf_ids`` on the benchmark's device unless told otherwise."""
+    return testing.zipf_ids(n, vocab, exponent, device, generator)
 
 
 def sync() -> None:

@@ -160,3 +160,13 @@ def adaptive_nll_by_module(
 def cutoffs_for(vocab: int, fractions: Sequence[float]) -> List[int]:
     """Block cutoffs at the given fractions of the vocabulary, then V: [c1, ..., V]."""
     return [int(vocab * f) for f in fractions] + [vocab]
+
+
+def zipf_ids(n: int, vocab: int, exponent: float = 1.1, device="cpu",
+             generator: Optional[torch.Generator] = None) -> Tensor:
+    """n ids in [0, vocab) drawn from a Zipf law (id 0 most frequent), as item
+    popularity in recommendation data is: P(id) proportional to (id + 1)^-exponent."""
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    probs = ranks.pow(-exponent)
+    ids = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
+    return ids.to(device)
