@@ -6,6 +6,7 @@ import statistics
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,11 @@ def test_tiny_run_prints_a_table(interleaved, capsys, argv):
     pytest.importorskip("cprec_kernels._core.cpu_extension", reason="the C++ extension is not built")
     if "--impls" not in argv:
         argv = argv + ["--impls", "cpu", "eager"]
-    rows = interleaved.main(argv + ["--rounds", "3", "--warmup", "1", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        rows = interleaved.main(argv + ["--rounds", "3", "--warmup", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process's count: leave the suite's as it was
     assert [r["impl"] for r in rows][0] == "cpu" and all(r["rounds"] == 3 and r["median_ms"] > 0 for r in rows)
     assert all(r["ratio_low"] <= r["ratio"] <= r["ratio_high"] for r in rows[1:])
     out = capsys.readouterr().out
