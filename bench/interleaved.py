@@ -98,12 +98,15 @@ def build_steps(args: argparse.Namespace) -> Dict[str, Callable[[], None]]:
     unknown = [i for i in impls if i not in known]
     if unknown:
         raise SystemExit(f"interleaved.py: unknown impl(s) {unknown} for {args.op}; choose from {known}")
+    if len(set(impls)) != len(impls):
+        raise SystemExit(f"interleaved.py: --impls names an implementation twice: {impls}")
     if "cpu" not in impls:
         raise SystemExit("interleaved.py: the ratios are against 'cpu'; include it in --impls")
     if args.op == "conv":
         return {i: conv_ln_relu_step(i, args.batch, args.t, args.c) for i in impls}
-    if sorted(args.cutoffs) != args.cutoffs or args.cutoffs[-1] >= args.vocab:
-        raise SystemExit(f"interleaved.py: --cutoffs must increase and stay below --vocab {args.vocab}")
+    cuts = args.cutoffs
+    if cuts[0] < 1 or any(a >= b for a, b in zip(cuts, cuts[1:])) or cuts[-1] >= args.vocab:
+        raise SystemExit(f"interleaved.py: --cutoffs must increase strictly from >= 1 and stay below --vocab {args.vocab}")
     return {i: adaptive_loss_step(i, args.n, args.d, args.vocab, list(args.cutoffs)) for i in impls}
 
 

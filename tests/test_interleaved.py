@@ -75,6 +75,9 @@ def test_time_rounds_calls_each_step_warmup_plus_rounds_times(interleaved):
     (["conv", "--impls", "cpu", "triton"], "unknown impl"),
     (["loss", "--vocab", "100", "--cutoffs", "50", "20"], "increase"),
     (["loss", "--vocab", "100", "--cutoffs", "20", "100"], "below --vocab"),
+    (["loss", "--vocab", "100", "--cutoffs", "20", "20"], "increase strictly"),
+    (["loss", "--vocab", "100", "--cutoffs", "0", "20"], ">= 1"),
+    (["conv", "--impls", "cpu", "cpu"], "twice"),
 ])
 def test_bad_arguments_are_refused(interleaved, argv, message):
     with pytest.raises(SystemExit, match=message):
