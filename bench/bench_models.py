@@ -8,10 +8,11 @@ Rows (``impl``):
 - ``cprec_cpu`` / ``cprec_triton`` / ``cprec_cuda``: CpRec on each fused backend the
   device has (cpu on CPU; triton and cuda on CUDA);
 - ``cprec_compile``: ``torch.compile`` (mode default) of the eager CpRec: its ``loss``
-  for training (AdamW stays eager), its ``recommend`` for serving. Full grid only.
+  for training (the optimizer stays eager), its ``recommend`` for serving. Full grid only.
 
 Modes: ``train_step`` (zero_grad, forward, loss over all T positions, backward, AdamW
-step) on a batch of B sequences; ``serve_top10`` (``model.recommend(inputs, 10)`` under
+step; every row uses ``cprec train``'s AdamW, ``cprec.optim.make_adamw``: fused where torch
+fuses it) on a batch of B sequences; ``serve_top10`` (``model.recommend(inputs, 10)`` under
 ``torch.no_grad``) for a batch of 1 and of many users. Item ids are Zipf-distributed.
 
     pytest bench/bench_models.py                      # small grid, seconds (CI)
@@ -42,6 +43,7 @@ import torch
 from conftest import DEVICE, FULL, sizes, sync, zipf_ids
 
 from cprec.models import CpRec, NextItNet
+from cprec.optim import make_adamw
 from cprec_kernels.adaptive_softmax import ADAPTIVE_SOFTMAX_LOSS, ADAPTIVE_TOPK
 from cprec_kernels.conv import CAUSAL_CONV1D_LN_RELU
 from cprec_kernels.embedding import BLOCKWISE_EMBEDDING
@@ -290,7 +292,7 @@ SERVE_GRID = [(v, i, u) for v in VOCABS for i in IMPLS for u in USERS]
 def test_train_step(benchmark, vocab, batch, impl):
     skip_unless_runnable(impl, "train_step", vocab, batch)
     net = build(impl, vocab).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    optimizer = make_adamw(net.parameters(), lr=1e-3, weight_decay=0.01)  # every row: `cprec train`'s AdamW
     ids = sequences(batch, vocab)
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     loss_fn = compiled(net.loss) if model_and_backend(impl)[2] else net.loss

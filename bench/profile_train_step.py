@@ -57,7 +57,12 @@ def profile_step(backend: str, vocab: int, batch: int, steps: int) -> Dict[str, 
 
     torch.manual_seed(0)
     net = CpRec(vocab, cutoffs_for(vocab), d=D, block_dilations=DILATIONS, div_value=DIV, backend=backend).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    try:  # `cprec train`'s AdamW (fused where torch fuses it); commits before it had torch's default
+        from cprec.optim import make_adamw
+    except ImportError:
+        def make_adamw(params, lr, weight_decay):
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = make_adamw(net.parameters(), lr=1e-3, weight_decay=0.01)
     ids = zipf_ids(batch * (SEQ_LEN + 1), vocab, generator=torch.Generator().manual_seed(0)).view(batch, SEQ_LEN + 1)
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write
 from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator, metric_names
 from .metrics import exclude_seen as metrics_exclude_seen
+from .optim import load_optimizer_state, make_adamw
 from .models import PopularityModel, Recommender, build_model, model_ends
 from .schedule import check_schedule, make_scheduler
 
@@ -298,7 +299,7 @@ def _restore(path: Path, cfg, mcfg, model, optimizer, state, data, say, schedule
     _refuse_changes(path, ckpt, cfg, mcfg, data)
     model.load_state_dict(ckpt["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler"):
         scheduler.load_state_dict(ckpt["scheduler"])
     state.update(ckpt["progress"])
@@ -347,7 +348,7 @@ def train(cfg: TrainConfig, data: Optional[SequenceData] = None, say: Callable[[
     }
     optimizer = scheduler = None
     if model.trainable:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = make_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.epochs * _steps_per_epoch(cfg, data))
     if cfg.resume:
         if ckpt_path.is_file():
