@@ -15,8 +15,9 @@ import torch
 
 
 def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over ``params``, fused when torch supports it for them (CPU from torch 2.4,
-    CUDA), else torch's default implementation."""
+    """AdamW over ``params``, fused when this torch supports it for their devices and
+    dtypes (CUDA, and the CPU in recent releases: torch 2.13's does), else torch's
+    default implementation."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
