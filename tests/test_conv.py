@@ -326,7 +326,12 @@ def test_triton_rows_wider_than_the_old_cap(backend):
 FUSED_CASES = [(3, 37, 48, 40, 3, 1), (3, 37, 48, 40, 3, 5), (2, 45, 40, 36, 3, 3), (3, 31, 33, 40, 3, 2),
                (2, 64, 33, 35, 3, 7), (4, 33, 32, 32, 3, 2), (2, 20, 40, 40, 3, 10), (2, 5, 40, 40, 3, 9),
                (3, 37, 48, 40, 4, 3), (2, 40, 36, 44, 2, 50), (1, 13, 33, 40, 3, 2), (1, 7, 36, 64, 4, 1),
-               (3, 9, 40, 41, 3, 4), (3, 37, 48, 40, 3, 8)]
+               (3, 9, 40, 41, 3, 4), (3, 37, 48, 40, 3, 8),
+               # float32 with C_out % 16 == 0 takes the panel GEMM (csrc/cpu/panel_gemm.h) for
+               # the forward's products; C_in = 36 and 52 leave 4 rows of the 8 x 8 packing
+               # transposes to its scalar tail, and tile counts not divisible by 6 use its
+               # partial row tiles.
+               (3, 29, 36, 48, 3, 2), (2, 35, 52, 32, 3, 1)]
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtype_params(CAUSAL_CONV1D_LN_RELU, ["cpu"]))
@@ -397,6 +402,10 @@ BWD_WINOGRAD = [
     (1, 64, 33, 35, 3, 1),  # B*T = 64, the smallest Winograd batch; odd widths
     (2, 40, 32, 32, 3, 2),  # C = 32, the narrowest Winograd width
     (2, 50, 40, 36, 3, 8),  # phases of 7 and 6: 4 and 3 grad_W tiles (no tile wholly past T)
+    # float32 with C_in % 16 == 0: grad_x and grad_W by the panel GEMM (grad_W's rows:
+    # C_out = 36 is six whole row tiles, 44 ends in a partial one)
+    (2, 41, 48, 36, 3, 2),
+    (3, 29, 32, 44, 3, 1),
 ]
 BWD_IM2COL = [
     (3, 37, 48, 40, 3, 8),  # 156 tile rows for 111: over the backward's padding limit (148)

@@ -18,6 +18,7 @@
 // backward, or three single GEMMs over an im2col of x).
 #include "cpu/common.h"
 #include "cpu/ops.h"
+#include "cpu/panel_gemm.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
@@ -377,9 +378,11 @@ void ln_relu_grad_row(T* o, T* z, const T* grad, T m, T rs, const T* g, const T*
 //   V_i = sum_k G[i][k] W_k^T ([a, C_in, C_out]), M_i = U_i @ V_i (a GEMMs with half the
 //   direct FLOPs: 6 per 4 outputs instead of 12), and z[t0 + j*dil] = bias + sum_i
 //   AT[j][i] M_i in the epilogue. Its transforms use the points 0, +-1, +-2, so float32
-//   rounding grows: measured at C = 256 on random data, max |err| 1.1e-5 against 1.6e-6
-//   for the direct sum (rms 7e-7 against 2e-7); F(2,3) kept 2.1e-6 but saved only a
-//   third of the FLOPs.
+//   rounding grows: measured at B = 16, T = 50, C = 256 on random data, max |err| of z
+//   5.1e-6 against 1.2e-6 for the float32 direct sum (rms 5.1e-7 against 2.1e-7), with
+//   the products by panel::gemm (6.9e-6 and 6.7e-7 when they were MKL's); F(2,3) kept
+//   2.1e-6 but saved only a third of the FLOPs. The products go to panel::gemm
+//   (cpu/panel_gemm.h) in float32 when C_out is a multiple of 16, else to BLAS.
 // * im2col, few rows (N = B*T < C_out: serving one history): the two paths above need
 //   the weight re-laid out per call ([C_in, K*C_out], as many floats as the weight),
 //   which then costs more than the GEMM itself. Instead x is unfolded into
@@ -568,7 +571,7 @@ struct WinoChunks {
 enum class WinoProduct { kConv, kInputGrad };
 
 // A Winograd convolution in ONE parallel region: each thread runs, per chunk,
-// input transform -> a GEMMs (sequential BLAS inside the region) -> epilogue, on buffers
+// input transform -> a GEMMs (panel::gemm, or sequential BLAS) -> epilogue, on buffers
 // of its own that stay in L2 and are reused across its chunks. One region, no
 // tile-sized buffers (their first-touch page faults cost as much as the transforms),
 // and the epilogue reads M while it is still in cache.
@@ -585,12 +588,25 @@ template <typename T, typename OutRow>
 void wino_conv(const T* x, const at::Tensor& weight, WinoProduct product, int64_t C_in, int64_t C,
                const WinoTiles& w, const OutRow& out_row) {
   const auto plan = WinoChunks::of(w);
+  const bool panels = use_panel_gemm<T>(C);
   at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowAutograd below_autograd;  // worker threads do not inherit the caller's
     const auto planes = wino_weights(weight);      // [a, C_out, C_in], this thread's scratch
     const auto V = product == WinoProduct::kConv ? planes.transpose(1, 2) : planes;  // [a, C_in, C]
     auto U = thread_scratch(Scratch::kTransformIn, {kWinoA, plan.size, C_in}, V.options());
     auto M = thread_scratch(Scratch::kTransformOut, {kWinoA, plan.size, C}, V.options());
+    // panel::gemm reads V_i [C_in, C] by rows of 16 columns: the input gradient's V_i are
+    // row-major and read in place; the forward's are transposed views, packed once per call.
+    at::Tensor packed;  // [a, C / 16, C_in, 16]
+#ifdef CPREC_HAVE_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      if (panels && V.stride(2) != 1) {
+        packed = thread_scratch(Scratch::kWinoPanels, {kWinoA, C_in * C}, V.options());
+        for (int i = 0; i < kWinoA; ++i)
+          panel::pack(V[i].const_data_ptr<float>(), V.stride(1), V.stride(2), C_in, C, packed[i].data_ptr<float>());
+      }
+    }
+#endif
     std::vector<T> scratch(C);
     T coef[kWinoA];
     const T* src[kWinoA];
@@ -599,6 +615,18 @@ void wino_conv(const T* x, const at::Tensor& weight, WinoProduct product, int64_
       const int64_t n = t_end - t_begin;
       wino_input_transform<T>(x, C_in, w, t_begin, t_end, plan.size, U.data_ptr<T>());
       for (int i = 0; i < kWinoA; ++i) {
+#ifdef CPREC_HAVE_AVX2
+        if constexpr (std::is_same_v<T, float>) {
+          if (panels) {
+            const bool p = packed.defined();
+            panel::gemm(n, C, C_in, U[i].const_data_ptr<float>(), C_in, 1,
+                        p ? packed[i].const_data_ptr<float>() : V[i].const_data_ptr<float>(),
+                        p ? panel::kColumns : V.stride(1), p ? panel::kColumns * C_in : panel::kColumns,
+                        M[i].data_ptr<float>(), C, false);
+            continue;
+          }
+        }
+#endif
         auto Mi = M[i].narrow(0, 0, n);
         at::mm_out(Mi, U[i].narrow(0, 0, n), V[i]);
       }
@@ -658,9 +686,11 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 //   pass B and F(3,2) on the gz it is given.
 //   float32 error against the float64 direct sum, measured at B = 16, T = 50, C = 256,
 //   dilation 1 on random data (the float32 direct sum of the eager reference in
-//   brackets): grad_x max |err| 4.8e-6, rms 3e-7 (7.6e-7, 1e-7; entries up to 2.4);
-//   grad_W (F(3,2)) max 5.7e-5, rms 4e-6 (6.2e-5, 4e-6; entries up to 180); grad_bias,
-//   through the recomputed z, max 2.6e-5, rms 5e-6 (1.5e-5, 2e-6; entries up to 96).
+//   brackets): grad_x max |err| 2.6e-6, rms 2.6e-7 (6.8e-7, 1.1e-7; entries up to 2.3);
+//   grad_W (F(3,2)) max 2.0e-5, rms 3.0e-6 (2.8e-5, 3.8e-6; entries up to 93); grad_bias
+//   max 2.8e-5, rms 5.2e-6 (7.9e-6, 1.9e-6; entries up to 50), with the saved z. The
+//   products of both passes go to panel::gemm in float32 when C_in is a multiple of 16
+//   (grad_x: 4.7e-6 / 3.5e-7 and grad_W: 2.7e-5 / 3.7e-6 when they were MKL's).
 // * im2col, any K and any N (few rows, K != 3, or dilations close to T): cols [N, C_in*K]
 //   of x and ONE GEMM per product, all against the weight in its own layout
 //   Wf = W.view(C_out, C_in*K): z = cols @ Wf^T (without a saved z), grad_W = gz^T @ cols ([C_out, N] x
@@ -686,6 +716,9 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 // the GEMMs take 1.9 ms in each Winograd pass and 2.3 ms in grad_W (82-92 GFLOP/s, MKL
 // alone reaches 95-100 at these shapes), the transforms, epilogues, row pass and weight
 // planes 1.2 ms. Dilations 4 and 8 pay 28% of padded tile rows at T = 50.
+// Then panel::gemm for the float32 products (no per-chunk packing by BLAS, the planes
+// packed once per call): the four layers' fwd + bwd 30.6 -> 26.7 ms (sum of per-call
+// minimums, 1 thread), 14.0 ms on 2 threads.
 
 // Per-thread column sums of the backward row pass, [threads, C] each, summed at the end
 // in thread order (deterministic for a given thread count).
@@ -833,10 +866,15 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_grad_weight", [&] {
     using T_ = scalar_t;
     const T_ *px = x.const_data_ptr<T_>(), *pg = gz.const_data_ptr<T_>();
+    const bool panels = use_panel_gemm<T_>(C_in);
+    // panel::gemm reads both operands in place along the tiles, rows ld apart: a row
+    // stride of a multiple of 1 KB (d = 256) would put a chunk's rows in a few L1 sets,
+    // so its scratch rows are 16 floats longer.
+    const int64_t ld_u = panels ? C_in + 16 : C_in, ld_g = panels ? C + 16 : C;
     at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
       at::AutoDispatchBelowAutograd below_autograd;
-      auto U = thread_scratch(Scratch::kGradWIn, {kWino2A, plan.size, C_in}, x.options());
-      auto Gz = thread_scratch(Scratch::kGradWOut, {kWino2A, plan.size, C}, x.options());
+      auto U = thread_scratch(Scratch::kGradWIn, {kWino2A, plan.size, ld_u}, x.options());
+      auto Gz = thread_scratch(Scratch::kGradWOut, {kWino2A, plan.size, ld_g}, x.options());
       const int64_t tid = at::get_thread_num();
       auto Pt = P[tid];
       for (int64_t c = c_begin; c < c_end; ++c) {
@@ -854,14 +892,23 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
             const int64_t t = t0 + j * dilation;
             o[j] = t < T ? pg + w.row(b, t) * C : nullptr;  // outputs past T have no grad
           }
-          transform_tile<T_, kWino2A, kWino2A>(d, kWino2BT, C_in, U.data_ptr<T_>() + (tile - t_begin) * C_in,
-                                                plan.size * C_in);
-          transform_tile<T_, kWino2A, kWino2M>(o, kWino2A_, C, Gz.data_ptr<T_>() + (tile - t_begin) * C,
-                                                plan.size * C);
+          transform_tile<T_, kWino2A, kWino2A>(d, kWino2BT, C_in, U.data_ptr<T_>() + (tile - t_begin) * ld_u,
+                                                plan.size * ld_u);
+          transform_tile<T_, kWino2A, kWino2M>(o, kWino2A_, C, Gz.data_ptr<T_>() + (tile - t_begin) * ld_g,
+                                                plan.size * ld_g);
         }
         const int64_t n = t_end - t_begin;
         for (int i = 0; i < kWino2A; ++i) {
           auto Pi = Pt[i];
+#ifdef CPREC_HAVE_AVX2
+          if constexpr (std::is_same_v<T_, float>) {
+            if (panels) {  // P_i [C, C_in] (+)= Gz_i^T @ U_i: A(r, k) = Gz_i[k, r]
+              panel::gemm(C, C_in, n, Gz[i].const_data_ptr<float>(), 1, ld_g, U[i].const_data_ptr<float>(), ld_u,
+                               panel::kColumns, Pi.data_ptr<float>(), C_in, started[tid]);
+              continue;
+            }
+          }
+#endif
           const auto lhs = Gz[i].narrow(0, 0, n).t(), rhs = U[i].narrow(0, 0, n);
           if (started[tid]) {
             Pi.addmm_(lhs, rhs);
