@@ -252,6 +252,46 @@ __attribute__((target("avx2,fma"))) void planes_from_triples(const float* triple
   }
 }
 
+// The forward's planes V_i^T [C_in, C_out] straight from the weight [C_out, C_in, 3] into
+// panel::gemm's panels, dst_i[p][k][16] = sum_t mat[i][t] * w[16p + j, k, t]
+// (dst_i = dst + i * C_out * C_in; C_out a multiple of 16): 8 c_out x 8 c_in blocks are
+// formed as planes_from_triples forms its rows and transposed in registers, so the planes
+// are written once, in the order the GEMM reads them. The c_in tail (C_in % 8) one float
+// at a time.
+template <int A>
+__attribute__((target("avx2,fma"))) void panels_from_triples(const float* w, int64_t C_out, int64_t C_in,
+                                                             const double (&mat)[A][3], float* dst) {
+  const int64_t plane = C_out * C_in, vec = C_in / 8 * 8;
+  for (int64_t r0 = 0; r0 < C_out; r0 += 8) {
+    float* out = dst + (r0 / panel::kColumns) * C_in * panel::kColumns + r0 % panel::kColumns;
+    for (int64_t k0 = 0; k0 < vec; k0 += 8) {
+      __m256 t[8][3];
+      for (int j = 0; j < 8; ++j) split_triples(w + ((r0 + j) * C_in + k0) * 3, t[j][0], t[j][1], t[j][2]);
+      for (int i = 0; i < A; ++i) {
+        __m256 rows[8];
+        for (int j = 0; j < 8; ++j) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int k = 0; k < 3; ++k)
+            if (mat[i][k] != 0) acc = _mm256_fmadd_ps(_mm256_set1_ps(float(mat[i][k])), t[j][k], acc);
+          rows[j] = acc;
+        }
+        panel::transpose8(rows);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + i * plane + (k0 + q) * panel::kColumns, rows[q]);
+      }
+    }
+    for (int64_t k = vec; k < C_in; ++k)
+      for (int j = 0; j < 8; ++j) {
+        const float* tr = w + ((r0 + j) * C_in + k) * 3;
+        for (int i = 0; i < A; ++i) {
+          float acc = 0.f;
+          for (int q = 0; q < 3; ++q)
+            if (mat[i][q] != 0) acc += float(mat[i][q]) * tr[q];
+          out[i * plane + k * panel::kColumns + j] = acc;
+        }
+      }
+  }
+}
+
 // taps [3, n] (rows x, y, z; n a multiple of 8) stored as n triples at out.
 __attribute__((target("avx2,fma"))) void triples_from_taps(const float* taps, int64_t stride, int64_t n, float* out) {
   for (int64_t j = 0; j < n; j += 8)
@@ -591,22 +631,25 @@ void wino_conv(const T* x, const at::Tensor& weight, WinoProduct product, int64_
   const bool panels = use_panel_gemm<T>(C);
   at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
     at::AutoDispatchBelowAutograd below_autograd;  // worker threads do not inherit the caller's
-    const auto planes = wino_weights(weight);      // [a, C_out, C_in], this thread's scratch
-    const auto V = product == WinoProduct::kConv ? planes.transpose(1, 2) : planes;  // [a, C_in, C]
-    auto U = thread_scratch(Scratch::kTransformIn, {kWinoA, plan.size, C_in}, V.options());
-    auto M = thread_scratch(Scratch::kTransformOut, {kWinoA, plan.size, C}, V.options());
     // panel::gemm reads V_i [C_in, C] by rows of 16 columns: the input gradient's V_i are
-    // row-major and read in place; the forward's are transposed views, packed once per call.
+    // the row-major planes, read in place; the forward's V_i^T are formed straight into
+    // panels. Each thread forms its own (see above).
     at::Tensor packed;  // [a, C / 16, C_in, 16]
 #ifdef CPREC_HAVE_AVX2
     if constexpr (std::is_same_v<T, float>) {
-      if (panels && V.stride(2) != 1) {
-        packed = thread_scratch(Scratch::kWinoPanels, {kWinoA, C_in * C}, V.options());
-        for (int i = 0; i < kWinoA; ++i)
-          panel::pack(V[i].const_data_ptr<float>(), V.stride(1), V.stride(2), C_in, C, packed[i].data_ptr<float>());
+      if (panels && product == WinoProduct::kConv) {
+        packed = thread_scratch(Scratch::kWinoPanels, {kWinoA, C_in * C}, weight.options());
+        avx2::panels_from_triples<kWinoA>(weight.const_data_ptr<float>(), C, C_in, kWinoG, packed.data_ptr<float>());
       }
     }
 #endif
+    at::Tensor V;  // [a, C_in, C]: the planes the BLAS path and the in-place panel path read
+    if (!packed.defined()) {
+      const auto planes = wino_weights(weight);  // [a, C_out, C_in], this thread's scratch
+      V = product == WinoProduct::kConv ? planes.transpose(1, 2) : planes;
+    }
+    auto U = thread_scratch(Scratch::kTransformIn, {kWinoA, plan.size, C_in}, weight.options());
+    auto M = thread_scratch(Scratch::kTransformOut, {kWinoA, plan.size, C}, weight.options());
     std::vector<T> scratch(C);
     T coef[kWinoA];
     const T* src[kWinoA];

@@ -102,7 +102,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row,
   }
 }
 
-// Rows r[0..7] (8 floats each) -> their transpose, in place.
+// Rows r[0..7] (8 floats each) -> their transpose, in place (for callers that pack B).
 __attribute__((target("avx2"), always_inline)) inline void transpose8(__m256 (&r)[8]) {
   __m256 t[8], u[8];
   for (int i = 0; i < 4; ++i) {
@@ -118,32 +118,6 @@ __attribute__((target("avx2"), always_inline)) inline void transpose8(__m256 (&r
   for (int i = 0; i < 4; ++i) {
     r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
     r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
-// B [K, N] with B(k, j) = src[k * s_k + j * s_j] -> panels dst[p][k][16] (N % 16 == 0),
-// for gemm with b_k = 16, b_panel = 16 * K: for a B whose rows are not contiguous (a
-// row-major B is read in place with b_k = its row stride, b_panel = 16). A transposed B
-// (s_k == 1: the forward's V_i^T) goes through 8 x 8 register transposes, so neither
-// side is read or written one float at a time.
-__attribute__((target("avx2"))) inline void pack(const float* src, int64_t s_k, int64_t s_j, int64_t K, int64_t N,
-                                                 float* dst) {
-  for (int64_t p = 0; p < N / kColumns; ++p) {
-    float* out = dst + p * K * kColumns;
-    int64_t k0 = 0;
-    if (s_k == 1) {
-      for (; k0 + 8 <= K; k0 += 8)
-        for (int64_t h = 0; h < kColumns; h += 8) {
-          __m256 r[8];
-          for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + (p * kColumns + h + j) * s_j + k0);
-          transpose8(r);
-          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + (k0 + q) * kColumns + h, r[q]);
-        }
-    }
-    for (int64_t j = 0; j < kColumns; ++j) {
-      const float* col = src + (p * kColumns + j) * s_j;
-      for (int64_t k = k0; k < K; ++k) out[k * kColumns + j] = col[k * s_k];
-    }
   }
 }
 
