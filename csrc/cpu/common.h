@@ -37,7 +37,9 @@ inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() &
 // in again on first touch: ~0.2 ms a call for the 1.5 MB of Winograd weights at d = 256,
 // a tenth of the conv's forward at B = 16, T = 50. The returned view is valid until the
 // same thread asks for the same slot again (kernels use each slot for one buffer).
-enum class Scratch { kWinoWeights, kWinoPanels, kTransformIn, kTransformOut, kGradWParts, kGradWIn, kGradWOut, kGradZ, kCount };
+enum class Scratch {
+  kWinoWeights, kWinoPanels, kTransformIn, kTransformOut, kGradWParts, kGradWIn, kGradWOut, kGradZ, kCount
+};
 
 inline at::Tensor thread_scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opt) {
   thread_local std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)> cache;

@@ -263,7 +263,7 @@ __attribute__((target("avx2,fma"))) void panels_from_triples(const float* w, int
                                                              const double (&mat)[A][3], float* dst) {
   const int64_t plane = C_out * C_in, vec = C_in / 8 * 8;
   for (int64_t r0 = 0; r0 < C_out; r0 += 8) {
-    float* out = dst + (r0 / panel::kColumns) * C_in * panel::kColumns + r0 % panel::kColumns;
+    float* out = dst + (r0 / kPanelColumns) * C_in * kPanelColumns + r0 % kPanelColumns;
     for (int64_t k0 = 0; k0 < vec; k0 += 8) {
       __m256 t[8][3];
       for (int j = 0; j < 8; ++j) split_triples(w + ((r0 + j) * C_in + k0) * 3, t[j][0], t[j][1], t[j][2]);
@@ -276,7 +276,7 @@ __attribute__((target("avx2,fma"))) void panels_from_triples(const float* w, int
           rows[j] = acc;
         }
         panel::transpose8(rows);
-        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + i * plane + (k0 + q) * panel::kColumns, rows[q]);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + i * plane + (k0 + q) * kPanelColumns, rows[q]);
       }
     }
     for (int64_t k = vec; k < C_in; ++k)
@@ -286,7 +286,7 @@ __attribute__((target("avx2,fma"))) void panels_from_triples(const float* w, int
           float acc = 0.f;
           for (int q = 0; q < 3; ++q)
             if (mat[i][q] != 0) acc += float(mat[i][q]) * tr[q];
-          out[i * plane + k * panel::kColumns + j] = acc;
+          out[i * plane + k * kPanelColumns + j] = acc;
         }
       }
   }
@@ -658,18 +658,13 @@ void wino_conv(const T* x, const at::Tensor& weight, WinoProduct product, int64_
       const int64_t n = t_end - t_begin;
       wino_input_transform<T>(x, C_in, w, t_begin, t_end, plan.size, U.data_ptr<T>());
       for (int i = 0; i < kWinoA; ++i) {
-#ifdef CPREC_HAVE_AVX2
-        if constexpr (std::is_same_v<T, float>) {
-          if (panels) {
-            const bool p = packed.defined();
-            panel::gemm(n, C, C_in, U[i].const_data_ptr<float>(), C_in, 1,
-                        p ? packed[i].const_data_ptr<float>() : V[i].const_data_ptr<float>(),
-                        p ? panel::kColumns : V.stride(1), p ? panel::kColumns * C_in : panel::kColumns,
-                        M[i].data_ptr<float>(), C, false);
-            continue;
-          }
-        }
-#endif
+        // B: the forward's panels, or V_i's rows in place
+        const bool p = packed.defined();
+        if (panel_gemm_if<T>(panels, n, C, C_in, U[i].const_data_ptr<T>(), C_in, 1,
+                             p ? packed[i].const_data_ptr<T>() : V[i].const_data_ptr<T>(),
+                             p ? kPanelColumns : V.stride(1), p ? kPanelColumns * C_in : kPanelColumns,
+                             M[i].data_ptr<T>(), C, false))
+          continue;
         auto Mi = M[i].narrow(0, 0, n);
         at::mm_out(Mi, U[i].narrow(0, 0, n), V[i]);
       }
@@ -759,9 +754,9 @@ void fused_ln_relu_rows(int64_t rows, int64_t C, int64_t max_terms, const Gather
 // the GEMMs take 1.9 ms in each Winograd pass and 2.3 ms in grad_W (82-92 GFLOP/s, MKL
 // alone reaches 95-100 at these shapes), the transforms, epilogues, row pass and weight
 // planes 1.2 ms. Dilations 4 and 8 pay 28% of padded tile rows at T = 50.
-// Then panel::gemm for the float32 products (no per-chunk packing by BLAS, the planes
-// packed once per call): the four layers' fwd + bwd 30.6 -> 26.7 ms (sum of per-call
-// minimums, 1 thread), 14.0 ms on 2 threads.
+// Then panel::gemm for the float32 products (no per-chunk packing by BLAS; the forward's
+// planes formed straight into panels once per call): the four layers' fwd + bwd
+// 30.6 -> 26.7 ms (sum of per-call minimums, 1 thread), 14.0 ms on 2 threads.
 
 // Per-thread column sums of the backward row pass, [threads, C] each, summed at the end
 // in thread order (deterministic for a given thread count).
@@ -912,8 +907,8 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
     const bool panels = use_panel_gemm<T_>(C_in);
     // panel::gemm reads both operands in place along the tiles, rows ld apart: a row
     // stride of a multiple of 1 KB (d = 256) would put a chunk's rows in a few L1 sets,
-    // so its scratch rows are 16 floats longer.
-    const int64_t ld_u = panels ? C_in + 16 : C_in, ld_g = panels ? C + 16 : C;
+    // so its scratch rows are one panel width (16 floats) longer.
+    const int64_t ld_u = panels ? C_in + kPanelColumns : C_in, ld_g = panels ? C + kPanelColumns : C;
     at::parallel_for(0, plan.count, 1, [&](int64_t c_begin, int64_t c_end) {
       at::AutoDispatchBelowAutograd below_autograd;
       auto U = thread_scratch(Scratch::kGradWIn, {kWino2A, plan.size, ld_u}, x.options());
@@ -943,15 +938,10 @@ at::Tensor wino_grad_w(const at::Tensor& gz, const at::Tensor& x, int64_t dilati
         const int64_t n = t_end - t_begin;
         for (int i = 0; i < kWino2A; ++i) {
           auto Pi = Pt[i];
-#ifdef CPREC_HAVE_AVX2
-          if constexpr (std::is_same_v<T_, float>) {
-            if (panels) {  // P_i [C, C_in] (+)= Gz_i^T @ U_i: A(r, k) = Gz_i[k, r]
-              panel::gemm(C, C_in, n, Gz[i].const_data_ptr<float>(), 1, ld_g, U[i].const_data_ptr<float>(), ld_u,
-                               panel::kColumns, Pi.data_ptr<float>(), C_in, started[tid]);
-              continue;
-            }
-          }
-#endif
+          // P_i [C, C_in] (+)= Gz_i^T @ U_i: A(r, k) = Gz_i[k, r], U_i's rows read in place
+          if (panel_gemm_if<T_>(panels, C, C_in, n, Gz[i].const_data_ptr<T_>(), 1, ld_g, U[i].const_data_ptr<T_>(),
+                                ld_u, kPanelColumns, Pi.data_ptr<T_>(), C_in, started[tid]))
+            continue;
           const auto lhs = Gz[i].narrow(0, 0, n).t(), rhs = U[i].narrow(0, 0, n);
           if (started[tid]) {
             Pi.addmm_(lhs, rhs);

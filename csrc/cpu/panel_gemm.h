@@ -21,10 +21,13 @@
 
 #include <algorithm>
 
+namespace cprec::cpu {
+constexpr int64_t kPanelColumns = 16;  // columns of B per panel: two 8-lane registers
+}  // namespace cprec::cpu
+
 #ifdef CPREC_HAVE_AVX2
 namespace cprec::cpu::panel {
 
-constexpr int64_t kColumns = 16;  // columns of B per panel: two 8-lane registers
 constexpr int kTileRows = 6;      // rows of C per register tile: 12 accumulators of 16
 
 // C rows [0, R) x columns [0, 16) = (Add ? C : 0) + sum_k A(r, k) B(k, 0:16), the sum
@@ -60,11 +63,12 @@ __attribute__((target("avx2,fma"))) void gemm_impl(int64_t M, int64_t N, int64_t
                                                    int64_t a_k, const float* B, int64_t b_k, int64_t b_panel, float* C,
                                                    int64_t ldc) {
   // Panel-outer: a panel of B (K x 16) stays in L1 while every row tile passes over it.
-  for (int64_t p = 0; p < N / kColumns; ++p) {
+  for (int64_t p = 0; p < N / kPanelColumns; ++p) {
     const float* b = B + p * b_panel;
-    float* c = C + p * kColumns;
+    float* c = C + p * kPanelColumns;
     int64_t m = 0;
-    for (; m + kTileRows <= M; m += kTileRows) tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc);
+    for (; m + kTileRows <= M; m += kTileRows)
+      tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc);
     const float* a = A + m * a_row;
     float* cm = c + m * ldc;
     switch (M - m) {
@@ -131,10 +135,26 @@ namespace cprec::cpu {
 template <typename T>
 inline bool use_panel_gemm(int64_t N) {
 #ifdef CPREC_HAVE_AVX2
-  return std::is_same_v<T, float> && N % panel::kColumns == 0 && N > 0 && have_avx2();
+  return std::is_same_v<T, float> && N % kPanelColumns == 0 && N > 0 && have_avx2();
 #else
   return false;
 #endif
+}
+
+// panel::gemm's product (same arguments) when `panels` (use_panel_gemm<T>(N)) holds and
+// T is float; returns whether it ran, so the caller falls back to BLAS otherwise.
+template <typename T>
+inline bool panel_gemm_if(bool panels, int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_k,
+                          const T* B, int64_t b_k, int64_t b_panel, T* C, int64_t ldc, bool accumulate) {
+#ifdef CPREC_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (panels) {
+      panel::gemm(M, N, K, A, a_row, a_k, B, b_k, b_panel, C, ldc, accumulate);
+      return true;
+    }
+  }
+#endif
+  return false;
 }
 
 }  // namespace cprec::cpu
