@@ -85,7 +85,7 @@ def test_blockwise_embedding_fwd_bwd(benchmark, impl, n, vocab, d):
 )
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
 def test_adaptive_softmax_loss_fwd_bwd(benchmark, impl, n, d, vocab, cutoffs):
-    """See ``cpu_steps.adaptive_loss_step``; ``gemm-floor`` bounds every implementation."""
+    """See ``cpu_steps.adaptive_loss_step``; ``gemm-floor``: the same products on BLAS alone."""
     _bench(benchmark, f"adaptive loss fwd+bwd N={n} d={d} V={vocab}", adaptive_loss_step(impl, n, d, vocab, cutoffs))
 
 

@@ -58,9 +58,11 @@ def adaptive_loss_step(impl: str, n: int, d: int, vocab: int, cutoffs: List[int]
     targets in [0, vocab). impl: cpu (the op on the cpu backend), eager
     (``nn.AdaptiveLogSoftmaxWithLoss``), compile (of that module), or gemm-floor: only
     the matrix products every exact implementation does (per layer, on the rows it
-    sees: the logits and the two gradient GEMMs), with no softmax, gathers or
-    allocations around them; no implementation can beat it, so eager / floor bounds the
-    speedup any kernel can show over the eager module."""
+    sees: the logits and the two gradient GEMMs) as ``torch.mm`` (BLAS) runs them, with
+    no softmax, gathers or allocations around them. No implementation built on BLAS
+    products can beat it, so eager / floor bounds what fusion alone can gain over the
+    eager module; the cpu op runs its products on its own GEMM (csrc/cpu/panel_gemm.h)
+    and can go below it."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"adaptive_loss_step: impl must be one of {LOSS_IMPLS}, got {impl!r}")
     torch.manual_seed(0)

@@ -61,10 +61,24 @@ TORCH_LIBRARY(cprec_cpu, m) {
 #ifdef TORCH_EXTENSION_NAME
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu/panel_matmul.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cprec-kernels cpu backend: registers torch.ops.cprec_cpu.*";
   // Which threading backend at::parallel_for uses in this build (for bug reports).
   m.def("parallel_info", [] { return at::get_parallel_info(); });
+  // The kernels' matrix product (cpu/panel_matmul.h), for its tests: a @ b, or acc + a @ b
+  // (acc copied first; the sums are added to it as the kernels' accumulating calls do).
+  m.def(
+      "panel_mm",
+      [](const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& acc) {
+        if (!acc.has_value()) return cprec::cpu::panel_mm(a, b);
+        auto c = acc->clone();
+        cprec::cpu::panel_mm_out(c, a, b, /*accumulate=*/true);
+        return c;
+      },
+      pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("acc") = pybind11::none());
 }
 #endif

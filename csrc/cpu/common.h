@@ -38,7 +38,8 @@ inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() &
 // a tenth of the conv's forward at B = 16, T = 50. The returned view is valid until the
 // same thread asks for the same slot again (kernels use each slot for one buffer).
 enum class Scratch {
-  kWinoWeights, kWinoPanels, kTransformIn, kTransformOut, kGradWParts, kGradWIn, kGradWOut, kGradZ, kCount
+  kWinoWeights, kWinoPanels, kTransformIn, kTransformOut, kGradWParts, kGradWIn, kGradWOut, kGradZ, kMatmulPanels,
+  kCount
 };
 
 inline at::Tensor thread_scratch(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opt) {

@@ -1,7 +1,9 @@
-// A float32 GEMM for AVX2 + FMA machines, for the conv's Winograd products:
-//   C [M, N] (+)= A [M, K] @ B [K, N],   N a multiple of 16,
-// A read in place through two strides (row-major tiles, or a transposed view of them),
-// B read from panels of 16 columns (packed once per call, or rows in place).
+// A float32 GEMM for AVX2 + FMA machines, for the conv's Winograd products and (through
+// cpu/panel_matmul.h) the adaptive softmax's:
+//   C [M, N] (+)= A [M, K] @ B [K, N],
+// A read in place through two strides (row-major tiles, or a transposed view of them;
+// packed per block when its k's are a page apart), B read from panels of 16 columns
+// (packed once per call, or rows in place), the last panel possibly partial.
 //
 // Why not at::mm (MKL): the Winograd passes run six [~52 x 256] @ [256 x 256] products a
 // chunk, one per weight plane. MKL packs both operands on every call, and the six planes
@@ -20,6 +22,7 @@
 #include "cpu/common.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace cprec::cpu {
 constexpr int64_t kPanelColumns = 16;  // columns of B per panel: two 8-lane registers
@@ -30,79 +33,181 @@ namespace cprec::cpu::panel {
 
 constexpr int kTileRows = 6;      // rows of C per register tile: 12 accumulators of 16
 
-// C rows [0, R) x columns [0, 16) = (Add ? C : 0) + sum_k A(r, k) B(k, 0:16), the sum
-// formed from zero in registers; A(r, k) = a[r * a_row + k * a_k], B(k, :) =
-// b[k * b_k : k * b_k + 16].
-template <int R, bool Add>
-__attribute__((target("avx2,fma"), always_inline)) inline void tile(int64_t K, const float* a, int64_t a_row,
-                                                                      int64_t a_k, const float* b, int64_t b_k,
-                                                                      float* c, int64_t ldc) {
-  __m256 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k, a += a_k, b += b_k) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * a_row);
-      lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
-      hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (Add) {
-      lo[r] = _mm256_add_ps(_mm256_loadu_ps(c + r * ldc), lo[r]);
-      hi[r] = _mm256_add_ps(_mm256_loadu_ps(c + r * ldc + 8), hi[r]);
-    }
-    _mm256_storeu_ps(c + r * ldc, lo[r]);
-    _mm256_storeu_ps(c + r * ldc + 8, hi[r]);
-  }
-}
-
-template <bool Add>
-__attribute__((target("avx2,fma"))) void gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row,
-                                                   int64_t a_k, const float* B, int64_t b_k, int64_t b_panel, float* C,
-                                                   int64_t ldc) {
-  // Panel-outer: a panel of B (K x 16) stays in L1 while every row tile passes over it.
-  for (int64_t p = 0; p < N / kPanelColumns; ++p) {
-    const float* b = B + p * b_panel;
-    float* c = C + p * kPanelColumns;
-    int64_t m = 0;
-    for (; m + kTileRows <= M; m += kTileRows)
-      tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc);
-    const float* a = A + m * a_row;
-    float* cm = c + m * ldc;
-    switch (M - m) {
-      case 5: tile<5, Add>(K, a, a_row, a_k, b, b_k, cm, ldc); break;
-      case 4: tile<4, Add>(K, a, a_row, a_k, b, b_k, cm, ldc); break;
-      case 3: tile<3, Add>(K, a, a_row, a_k, b, b_k, cm, ldc); break;
-      case 2: tile<2, Add>(K, a, a_row, a_k, b, b_k, cm, ldc); break;
-      case 1: tile<1, Add>(K, a, a_row, a_k, b, b_k, cm, ldc); break;
-      default: break;
-    }
-  }
-}
-
 // Sums over k run in blocks of kBlock, each formed from zero and then added to C: one
 // sequential float32 chain over all of K (256 terms at d = 256) rounded grad_x 1.4x worse
 // (rms) than MKL's products; blocks of 64 put z, grad_x and grad_W below MKL's error
 // (see conv.cpp's error notes).
 constexpr int64_t kBlock = 64;
 
-// C [M, N] = A @ B, or += with accumulate. A(r, k) = A[r * a_row + k * a_k]; panel p of
-// B (columns 16p .. 16p + 15) starts at B + p * b_panel and its row k at + k * b_k.
-// N % 16 == 0 (the caller checks); C rows ldc apart.
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_k, const float* B,
-                 int64_t b_k, int64_t b_panel, float* C, int64_t ldc, bool accumulate) {
-  if (K == 0 && !accumulate) {  // an empty sum
-    for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.f);
-  }
-  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+// C rows [0, R) x columns [0, 16) = (Add ? C : 0) + sum_k A(r, k) B(k, 0:16), the k's in
+// blocks of kBlock, each summed from zero in registers and then added to the C tile
+// (L1-resident meanwhile); A(r, k) = a[r * a_row + k * a_k], B(k, :) = b[k * b_k : + 16].
+template <int R, bool Add>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile(int64_t K, const float* a, int64_t a_row,
+                                                                      int64_t a_k, const float* b, int64_t b_k,
+                                                                      float* c, int64_t ldc) {
+  for (int64_t k0 = 0; k0 < K || (k0 == 0 && !Add); k0 += kBlock) {
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
     const int64_t kb = std::min(kBlock, K - k0);
-    const float *a = A + k0 * a_k, *b = B + k0 * b_k;
-    if (accumulate || k0 > 0) {
-      gemm_impl<true>(M, N, kb, a, a_row, a_k, b, b_k, b_panel, C, ldc);
-    } else {
-      gemm_impl<false>(M, N, kb, a, a_row, a_k, b, b_k, b_panel, C, ldc);
+    for (int64_t k = 0; k < kb; ++k, a += a_k, b += b_k) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + r * a_row);
+        lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+        hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if (Add || k0 > 0) {
+        lo[r] = _mm256_add_ps(_mm256_loadu_ps(c + r * ldc), lo[r]);
+        hi[r] = _mm256_add_ps(_mm256_loadu_ps(c + r * ldc + 8), hi[r]);
+      }
+      _mm256_storeu_ps(c + r * ldc, lo[r]);
+      _mm256_storeu_ps(c + r * ldc + 8, hi[r]);
+    }
+  }
+}
+
+// tile() on the first `cols` (< 16) columns of C only, through a tile on the stack.
+template <int R, bool Add>
+__attribute__((target("avx2,fma"), always_inline)) inline void edge_tile(int64_t K, const float* a, int64_t a_row,
+                                                                           int64_t a_k, const float* b, int64_t b_k,
+                                                                           float* c, int64_t ldc, int64_t cols) {
+  alignas(32) float buf[R * kPanelColumns];
+  if (Add)
+    for (int r = 0; r < R; ++r) std::copy_n(c + r * ldc, cols, buf + r * kPanelColumns);
+  tile<R, Add>(K, a, a_row, a_k, b, b_k, buf, kPanelColumns);
+  for (int r = 0; r < R; ++r) std::copy_n(buf + r * kPanelColumns, cols, c + r * ldc);
+}
+
+// Rows [0, M) of C against panel b (columns [0, cols) of C, cols <= 16), in row tiles.
+template <bool Add>
+__attribute__((target("avx2,fma"))) void panel_rows(int64_t M, int64_t K, const float* A, int64_t a_row, int64_t a_k,
+                                                    const float* b, int64_t b_k, float* c, int64_t ldc,
+                                                    int64_t cols) {
+  int64_t m = 0;
+  if (cols == kPanelColumns) {
+    for (; m + kTileRows <= M; m += kTileRows)
+      tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc);
+  } else {
+    for (; m + kTileRows <= M; m += kTileRows)
+      edge_tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc, cols);
+  }
+  const float* a = A + m * a_row;
+  float* cm = c + m * ldc;
+  const bool full = cols == kPanelColumns;
+  switch (M - m) {
+#define CPREC_PANEL_TAIL(R)                                               \
+  case R:                                                                 \
+    if (full) tile<R, Add>(K, a, a_row, a_k, b, b_k, cm, ldc);            \
+    else edge_tile<R, Add>(K, a, a_row, a_k, b, b_k, cm, ldc, cols);      \
+    break;
+    CPREC_PANEL_TAIL(5)
+    CPREC_PANEL_TAIL(4)
+    CPREC_PANEL_TAIL(3)
+    CPREC_PANEL_TAIL(2)
+    CPREC_PANEL_TAIL(1)
+#undef CPREC_PANEL_TAIL
+    default: break;
+  }
+}
+
+// Cache blocking for products larger than L2 (the adaptive softmax's head: [4096 x 256]
+// @ [256 x 2003] and its transposes): rows in blocks of kRowBlock and k in blocks of
+// kDepthBlock, so that a [kRowBlock x kDepthBlock] block of A (144 KB) and the C rows it
+// feeds stay in L2 while the panels' [kDepthBlock x 16] pieces (16 KB) pass through L1.
+// kDepthBlock is a multiple of kBlock, so the sums' blocks (and the results) are the
+// same as without it.
+constexpr int64_t kRowBlock = 24 * kTileRows;
+constexpr int64_t kDepthBlock = 4 * kBlock;
+
+// A's k steps at least this many floats apart (a page) are packed per block: read in
+// place, every k of a tile would touch another page, and the DTLB misses (the loss's
+// G^T @ h, a_k = 2003) ran the product at 81 GFLOP/s against 105 packed.
+constexpr int64_t kPackStrideA = 1024;
+
+// The [mb, kb] block of A(r, k) = A[r * a_row + k * a_k] as row tiles [tile][kb][6],
+// A(t * 6 + i, k) at out[(t * kb + k) * 6 + i] (a partial last tile keeps its rows).
+__attribute__((target("avx2,fma"))) inline void pack_rows(int64_t mb, int64_t kb, const float* A, int64_t a_row,
+                                                          int64_t a_k, float* out) {
+  // k outer: with rows adjacent (a transposed A) each k reads mb contiguous floats.
+  for (int64_t k = 0; k < kb; ++k) {
+    const float* src = A + k * a_k;
+    if (k + 4 < kb)
+      for (int64_t r = 0; r < mb; r += 16) __builtin_prefetch(src + 4 * a_k + r * a_row);
+    for (int64_t t = 0; t * kTileRows < mb; ++t) {
+      const int64_t rows = std::min<int64_t>(kTileRows, mb - t * kTileRows);
+      float* dst = out + (t * kb + k) * kTileRows;
+      for (int64_t i = 0; i < rows; ++i) dst[i] = src[(t * kTileRows + i) * a_row];
+    }
+  }
+}
+
+// C [M, N] = A @ B, or += with accumulate. A(r, k) = A[r * a_row + k * a_k]; panel p of
+// B (columns 16p .. 16p + 15) starts at B + p * b_panel and its row k at + k * b_k; the
+// last panel may be partial (N % 16 columns of C written), its other columns readable.
+// C rows ldc apart. Each entry's sum has one order whatever M, so rows cut across
+// threads give the same result.
+__attribute__((target("avx2,fma"))) inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row,
+                                                     int64_t a_k, const float* B, int64_t b_k, int64_t b_panel,
+                                                     float* C, int64_t ldc, bool accumulate) {
+  const int64_t panels = (N + kPanelColumns - 1) / kPanelColumns;
+  const bool pack_a = a_k >= kPackStrideA;
+  thread_local std::vector<float> a_block;  // the packed block of A, when pack_a
+  if (pack_a) a_block.resize(kRowBlock * kDepthBlock);
+  for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+    const int64_t mb = std::min(kRowBlock, M - m0);
+    for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kDepthBlock) {
+      const int64_t kb = std::min(kDepthBlock, K - k0);
+      const float* a = A + m0 * a_row + k0 * a_k;
+      if (pack_a) pack_rows(mb, kb, a, a_row, a_k, a_block.data());
+      for (int64_t p = 0; p < panels; ++p) {
+        const float* b = B + p * b_panel + k0 * b_k;
+        float* c = C + m0 * ldc + p * kPanelColumns;
+        const int64_t cols = std::min(kPanelColumns, N - p * kPanelColumns);
+        if (pack_a) {
+          // Tile by tile: a packed tile is [kb][6], rows 1 apart and k's 6 apart.
+          for (int64_t t = 0; t * kTileRows < mb; ++t) {
+            const int64_t rows = std::min<int64_t>(kTileRows, mb - t * kTileRows);
+            const float* at = a_block.data() + t * kb * kTileRows;
+            float* ct = c + t * kTileRows * ldc;
+            if (accumulate || k0 > 0) {
+              panel_rows<true>(rows, kb, at, 1, kTileRows, b, b_k, ct, ldc, cols);
+            } else {
+              panel_rows<false>(rows, kb, at, 1, kTileRows, b, b_k, ct, ldc, cols);
+            }
+          }
+        } else if (accumulate || k0 > 0) {
+          panel_rows<true>(mb, kb, a, a_row, a_k, b, b_k, c, ldc, cols);
+        } else {
+          panel_rows<false>(mb, kb, a, a_row, a_k, b, b_k, c, ldc, cols);
+        }
+      }
+    }
+  }
+}
+
+// Panels of B(k, n) = B[k * b_k + n * b_n] for k < K, n < N: out[p][k][0:16] = B(k,
+// 16p .. 16p + 15), zero past N; panels [p_begin, p_end).
+__attribute__((target("avx2,fma"))) inline void pack_panels(int64_t K, int64_t N, const float* B, int64_t b_k,
+                                                            int64_t b_n, float* out, int64_t p_begin, int64_t p_end) {
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    float* dst = out + p * K * kPanelColumns;
+    const int64_t n0 = p * kPanelColumns, cols = std::min(kPanelColumns, N - n0);
+    if (b_n == 1 && cols == kPanelColumns) {
+      for (int64_t k = 0; k < K; ++k) std::copy_n(B + k * b_k + n0, kPanelColumns, dst + k * kPanelColumns);
+      continue;
+    }
+    // Columns outer: each B column is read along k (contiguous when B is a transpose).
+    for (int64_t j = 0; j < kPanelColumns; ++j) {
+      if (j < cols) {
+        const float* src = B + (n0 + j) * b_n;
+        for (int64_t k = 0; k < K; ++k) dst[k * kPanelColumns + j] = src[k * b_k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) dst[k * kPanelColumns + j] = 0.f;
+      }
     }
   }
 }
