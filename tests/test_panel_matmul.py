@@ -62,6 +62,14 @@ def test_panel_mm_accumulates(m, k, n, a_t, b_t):
     assert torch.equal(acc, before)  # the hook accumulates into a copy
 
 
+def test_panel_mm_packs_rows_that_are_not_adjacent():
+    """A with its rows 2 floats apart and its k's 1,200 apart: packed, row by row."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(45, 1200, generator=gen)[:, ::2].t()  # [600, 45], strides (2, 1200)
+    b = torch.randn(45, 24, generator=gen)
+    _check(_C.panel_mm(a, b), a, b)
+
+
 def test_panel_mm_empty_sum_is_zero():
     a, b = torch.randn(9, 0), torch.randn(0, 32)
     assert torch.equal(_C.panel_mm(a, b), torch.zeros(9, 32))

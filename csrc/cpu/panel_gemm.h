@@ -124,19 +124,25 @@ constexpr int64_t kRowBlock = 24 * kTileRows;
 constexpr int64_t kDepthBlock = 4 * kBlock;
 
 // A's k steps at least this many floats apart (a page) are packed per block: read in
-// place, every k of a tile would touch another page, and the DTLB misses (the loss's
-// G^T @ h, a_k = 2003) ran the product at 81 GFLOP/s against 105 packed.
+// place, every k of a tile touches another page (the loss's G^T @ h, a_k = 2003: 81
+// GFLOP/s); packed, 68-69 without a prefetch (the packing waits on DRAM, one short row
+// segment a k) and 93-95 with the next rows prefetched 4 k's ahead.
 constexpr int64_t kPackStrideA = 1024;
 
 // The [mb, kb] block of A(r, k) = A[r * a_row + k * a_k] as row tiles [tile][kb][6],
 // A(t * 6 + i, k) at out[(t * kb + k) * 6 + i] (a partial last tile keeps its rows).
 __attribute__((target("avx2,fma"))) inline void pack_rows(int64_t mb, int64_t kb, const float* A, int64_t a_row,
                                                           int64_t a_k, float* out) {
-  // k outer: with rows adjacent (a transposed A) each k reads mb contiguous floats.
+  // k outer: with rows adjacent (a transposed A) each k reads mb contiguous floats, one
+  // prefetch per 64-byte line of them; rows further apart, one per row.
+  constexpr int64_t ahead = 4;
   for (int64_t k = 0; k < kb; ++k) {
     const float* src = A + k * a_k;
-    if (k + 4 < kb)
-      for (int64_t r = 0; r < mb; r += 16) __builtin_prefetch(src + 4 * a_k + r * a_row);
+    if (k + ahead < kb && a_row == 1) {
+      for (int64_t r = 0; r < mb; r += 16) __builtin_prefetch(src + ahead * a_k + r);
+    } else if (k + ahead < kb) {
+      for (int64_t r = 0; r < mb; ++r) __builtin_prefetch(src + ahead * a_k + r * a_row);
+    }
     for (int64_t t = 0; t * kTileRows < mb; ++t) {
       const int64_t rows = std::min<int64_t>(kTileRows, mb - t * kTileRows);
       float* dst = out + (t * kb + k) * kTileRows;

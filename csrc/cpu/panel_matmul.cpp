@@ -2,8 +2,9 @@
 //
 // Why not at::mm for the adaptive softmax's head products ([4096 x 256] @ [256 x 2003],
 // [4096 x 2003] @ [2003 x 256] and [2003 x 4096] @ [4096 x 256] in the loss benchmark):
-// they are three quarters of the loss's FLOPs, and MKL runs them at ~86 GFLOP/s on one
-// core of the CI machine, where panel::gemm's register tile reaches 100-115.
+// they are three quarters of the loss's FLOPs, and on one core of the CI machine MKL ran
+// them at 59, 89 and 90 GFLOP/s, panel::gemm at 93, 102 and 93 (the logits' 32 MB output
+// costs MKL the most); the tails' products 60-95 against 89-109 (bench/RESULTS.md).
 #include "cpu/panel_matmul.h"
 
 #include "cpu/common.h"
