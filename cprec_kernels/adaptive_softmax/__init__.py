@@ -36,9 +36,9 @@ _MODULES = {
     "cpu": "cprec_kernels.adaptive_softmax.cpu",
 }
 # ``auto`` picks the cpu loss: on a quiet 2-core machine (N = 4,096, V = 100k, d = 256,
-# forward + backward) it measured 1.35x-1.55x the eager reference with statistics saved,
-# and with the gradients formed in the forward 1.26x (1 thread) and 1.56x (2 threads)
-# ``nn.AdaptiveLogSoftmaxWithLoss`` (bench/RESULTS.md, issue 19).
+# forward + backward, gradients formed in the forward, products on the kernels' own GEMM)
+# it measured 1.64x (1 thread) and 1.71x (2 threads) ``nn.AdaptiveLogSoftmaxWithLoss``
+# (bench/RESULTS.md, issue 19).
 ADAPTIVE_SOFTMAX_LOSS = BackendTable(
     "adaptive_softmax_loss", "adaptive_softmax_loss_forward", "adaptive_softmax_loss_backward", _MODULES
 )
