@@ -32,13 +32,13 @@ def _check(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, acc=None) -> Non
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6 * math.sqrt(max(k, 1)) * 4)
 
 
-# (M, K, N, A transposed, B transposed)
+# (M, K, N, A transposed, B transposed); M >= 64, below which BLAS runs the product
 CASES = [
-    (1, 1, 16, False, False),       # one row, one k
-    (5, 63, 17, False, True),       # a row-tile tail of 5, a partial panel of 1 column
-    (7, 64, 31, True, False),       # a full tile and a tail of 1, exactly one block of k
-    (13, 65, 40, True, True),       # a block and one k more
-    (145, 257, 48, False, False),   # two row blocks (144 + 1), two depth blocks (256 + 1)
+    (65, 1, 16, False, False),      # one k, a row-tile tail of 5
+    (67, 63, 17, False, True),      # a tail of 1, a partial panel of 1 column
+    (70, 64, 31, True, False),      # a tail of 4, exactly one block of k
+    (69, 65, 40, True, True),       # a tail of 3, a block of k and one k more
+    (146, 257, 48, False, False),   # two row blocks (144 + 2), two depth blocks (256 + 1)
     (300, 300, 2003 % 64 + 16, True, False),
     (1030, 70, 20, True, False),    # A transposed with k's 1030 floats apart: packed
     (1100, 300, 33, True, True),    # packed, over two depth blocks, B transposed
@@ -71,17 +71,18 @@ def test_panel_mm_packs_rows_that_are_not_adjacent():
 
 
 def test_panel_mm_empty_sum_is_zero():
-    a, b = torch.randn(9, 0), torch.randn(0, 32)
-    assert torch.equal(_C.panel_mm(a, b), torch.zeros(9, 32))
-    acc = torch.randn(9, 32)
+    a, b = torch.randn(70, 0), torch.randn(0, 32)
+    assert torch.equal(_C.panel_mm(a, b), torch.zeros(70, 32))
+    acc = torch.randn(70, 32)
     assert torch.equal(_C.panel_mm(a, b, acc), acc)
 
 
-@pytest.mark.parametrize("n,dtype", [(4, torch.float32), (15, torch.float32), (40, torch.float64)])
-def test_panel_mm_blas_fallbacks(n, dtype):
-    """Fewer than 16 columns, or float64: BLAS, with the same results as torch.mm."""
+@pytest.mark.parametrize("m,n,dtype", [(80, 4, torch.float32), (80, 15, torch.float32), (80, 40, torch.float64),
+                                       (63, 40, torch.float32), (1, 40, torch.float32)])
+def test_panel_mm_blas_fallbacks(m, n, dtype):
+    """Fewer than 16 columns, float64 or fewer than 64 rows: BLAS, the same results as torch.mm."""
     gen = torch.Generator().manual_seed(n)
-    a, b = _operand(37, 50, True, gen, dtype), _operand(50, n, False, gen, dtype)
+    a, b = _operand(m, 50, True, gen, dtype), _operand(50, n, False, gen, dtype)
     torch.testing.assert_close(_C.panel_mm(a, b), torch.mm(a, b), rtol=0, atol=0)
 
 

@@ -1,6 +1,7 @@
 // Matrix products of the cpu kernels on tensors: panel::gemm (cpu/panel_gemm.h) for
 // float32 on AVX2 + FMA machines, with B packed into panels once per call and the rows of
-// C split across threads; BLAS (at::mm) otherwise.
+// C split across threads; BLAS (at::mm) for float64, fewer than 16 columns or fewer than
+// 64 rows (where packing B costs more than the faster tile gains: one-user serving).
 #pragma once
 
 #include <ATen/core/Tensor.h>
