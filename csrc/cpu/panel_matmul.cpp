@@ -10,8 +10,8 @@
 #include "cpu/common.h"
 #include "cpu/panel_gemm.h"
 
-#include <ATen/ops/empty.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
 namespace cprec::cpu {
@@ -32,8 +32,8 @@ void panel_mm_out(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
               "panel_mm: shapes ", a.sizes(), " @ ", b.sizes(), " -> ", c.sizes(), " do not match");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
 #ifdef CPREC_HAVE_AVX2
-  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat &&
-      c.stride(1) == 1 && N >= kPanelColumns && M >= kMinRows && have_avx2()) {
+  if (a.is_cpu() && b.is_cpu() && c.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+      c.scalar_type() == at::kFloat && c.stride(1) == 1 && N >= kPanelColumns && M >= kMinRows && have_avx2()) {
     const int64_t panels = (N + kPanelColumns - 1) / kPanelColumns;
     // Packed panels [panels, K, 16]: read by every thread, so in the calling thread's
     // scratch and written before the products start.
