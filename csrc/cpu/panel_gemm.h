@@ -82,22 +82,25 @@ __attribute__((target("avx2,fma"), always_inline)) inline void edge_tile(int64_t
   for (int r = 0; r < R; ++r) std::copy_n(buf + r * kPanelColumns, cols, c + r * ldc);
 }
 
-// Rows [0, M) of C against panel b (columns [0, cols) of C, cols <= 16), in row tiles.
+// Rows [0, M) of C against panel b (columns [0, cols) of C, cols <= 16), in row tiles;
+// the tile of rows [6t, 6t + 6) reads A from A + t * a_tile (6 * a_row for A in place,
+// one packed tile's size for pack_rows's layout).
 template <bool Add>
 __attribute__((target("avx2,fma"))) void panel_rows(int64_t M, int64_t K, const float* A, int64_t a_row, int64_t a_k,
-                                                    const float* b, int64_t b_k, float* c, int64_t ldc,
-                                                    int64_t cols) {
-  int64_t m = 0;
-  if (cols == kPanelColumns) {
-    for (; m + kTileRows <= M; m += kTileRows)
-      tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc);
-  } else {
-    for (; m + kTileRows <= M; m += kTileRows)
-      edge_tile<kTileRows, Add>(K, A + m * a_row, a_row, a_k, b, b_k, c + m * ldc, ldc, cols);
-  }
-  const float* a = A + m * a_row;
-  float* cm = c + m * ldc;
+                                                    int64_t a_tile, const float* b, int64_t b_k, float* c,
+                                                    int64_t ldc, int64_t cols) {
   const bool full = cols == kPanelColumns;
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) {
+    const float* a = A + m / kTileRows * a_tile;
+    if (full) {
+      tile<kTileRows, Add>(K, a, a_row, a_k, b, b_k, c + m * ldc, ldc);
+    } else {
+      edge_tile<kTileRows, Add>(K, a, a_row, a_k, b, b_k, c + m * ldc, ldc, cols);
+    }
+  }
+  const float* a = A + m / kTileRows * a_tile;
+  float* cm = c + m * ldc;
   switch (M - m) {
 #define CPREC_PANEL_TAIL(R)                                               \
   case R:                                                                 \
@@ -169,26 +172,18 @@ __attribute__((target("avx2,fma"))) inline void gemm(int64_t M, int64_t N, int64
       const int64_t kb = std::min(kDepthBlock, K - k0);
       const float* a = A + m0 * a_row + k0 * a_k;
       if (pack_a) pack_rows(mb, kb, a, a_row, a_k, a_block.data());
+      // A packed: tiles [kb][6] one after another, rows 1 apart and k's 6 apart.
+      const float* a_src = pack_a ? a_block.data() : a;
+      const int64_t ar = pack_a ? 1 : a_row, ak = pack_a ? kTileRows : a_k;
+      const int64_t a_tile = pack_a ? kb * kTileRows : kTileRows * a_row;
       for (int64_t p = 0; p < panels; ++p) {
         const float* b = B + p * b_panel + k0 * b_k;
         float* c = C + m0 * ldc + p * kPanelColumns;
         const int64_t cols = std::min(kPanelColumns, N - p * kPanelColumns);
-        if (pack_a) {
-          // Tile by tile: a packed tile is [kb][6], rows 1 apart and k's 6 apart.
-          for (int64_t t = 0; t * kTileRows < mb; ++t) {
-            const int64_t rows = std::min<int64_t>(kTileRows, mb - t * kTileRows);
-            const float* at = a_block.data() + t * kb * kTileRows;
-            float* ct = c + t * kTileRows * ldc;
-            if (accumulate || k0 > 0) {
-              panel_rows<true>(rows, kb, at, 1, kTileRows, b, b_k, ct, ldc, cols);
-            } else {
-              panel_rows<false>(rows, kb, at, 1, kTileRows, b, b_k, ct, ldc, cols);
-            }
-          }
-        } else if (accumulate || k0 > 0) {
-          panel_rows<true>(mb, kb, a, a_row, a_k, b, b_k, c, ldc, cols);
+        if (accumulate || k0 > 0) {
+          panel_rows<true>(mb, kb, a_src, ar, ak, a_tile, b, b_k, c, ldc, cols);
         } else {
-          panel_rows<false>(mb, kb, a, a_row, a_k, b, b_k, c, ldc, cols);
+          panel_rows<false>(mb, kb, a_src, ar, ak, a_tile, b, b_k, c, ldc, cols);
         }
       }
     }
