@@ -75,10 +75,33 @@ def test_report_only_marks_runs_not_run(tmp_path, capsys):
     ({"baseline": "nobody", "runs": [{"name": "a"}]}, "baseline 'nobody'"),
     ({"seeds": "0"}, "'seeds' must be"),
     ({"colour": 1}, "unknown keys"),
+    ({"runs": [{"name": "a", "seeds": [2]}]}, "list of the spec's seeds"),
+    ({"runs": [{"name": "a", "seeds": []}]}, "list of the spec's seeds"),
+    ({"common": {"seeds": [0]}}, "not training options"),
 ])
 def test_bad_specs_name_the_problem(tmp_path, over, message):
     with pytest.raises(SpecError, match=message):
         load_spec(_spec(tmp_path, **over))
+
+
+def test_a_run_with_its_own_seeds_trains_only_those_and_started_runs_go_first(tmp_path, capsys):
+    from cprec.compare import tasks
+
+    path = _spec(tmp_path, seeds=[0, 1, 2], runs=[{"name": "NextItNet", "model": "nextitnet"},
+                                                   {"name": "ablation", "model": "nextitnet", "seeds": [1]}])
+    spec, out = load_spec(path), tmp_path / "out"
+    order = lambda: [Path(c.output).relative_to(out / "runs").as_posix() for c in tasks(spec, out)]  # noqa: E731
+    assert order() == ["nextitnet/seed0", "nextitnet/seed1", "ablation/seed1", "nextitnet/seed2"]
+    assert all(c.seed == int(c.output[-1]) for c in tasks(spec, out))
+    # A run with a checkpoint (cut short last time) resumes before any run that has not started;
+    # a finished one (metrics.json) is not trained again.
+    for name, run_file in (("ablation/seed1", "checkpoint.pt"), ("nextitnet/seed2", "checkpoint.pt"),
+                           ("nextitnet/seed0", "metrics.json")):
+        (out / "runs" / name).mkdir(parents=True)
+        (out / "runs" / name / run_file).write_bytes(b"")
+    assert order() == ["ablation/seed1", "nextitnet/seed2", "nextitnet/seed1"]
+    assert main(["compare", str(path), "--output", str(tmp_path / "report"), "--report-only"]) == 0
+    assert "seeds [0, 1, 2] (only seeds [1]: 'ablation');" in (tmp_path / "report" / "results.md").read_text()
 
 
 def test_malformed_spec_names_file_and_line(tmp_path, capsys):

@@ -8,10 +8,13 @@ A study is a JSON spec::
      "metric_k": 10, "common": {"epochs": 3},
      "runs": [{"name": "NextItNet d=256", "model": "nextitnet", "d": 256}, ...]}
 
-Every key of ``common`` and of a run (except ``name``) is a ``TrainConfig`` field.
+Every key of ``common`` and of a run (except ``name`` and ``seeds``) is a ``TrainConfig``
+field. A run's own ``seeds``, a subset of the spec's, replace them for that run: an ablation
+row can cost one seed where the main rows take three.
 Each (run, seed) trains into ``OUT/runs/<run>/seed<k>/`` with a checkpoint per epoch,
 so an interrupted study picks up where it stopped; finished runs (``metrics.json``)
-are never redone. Tasks go seed by seed, so a study cut short has whole seeds.
+are never redone. Runs already started go first, then the rest seed by seed, so a study
+cut short has whole seeds and no run left half-trained for longer than it must.
 """
 from __future__ import annotations
 
@@ -77,9 +80,15 @@ def load_spec(path) -> dict:
         where = "'common'" if i == 0 else f"run {i}"
         if not isinstance(run, dict):
             raise SpecError(f"{path}: {where} must be an object")
-        bad = set(run) - _CONFIG_FIELDS - ({"name"} if i else set())
+        bad = set(run) - _CONFIG_FIELDS - ({"name", "seeds"} if i else set())
         if bad:
             raise SpecError(f"{path}: {where} has keys {sorted(bad)} that are not training options")
+        if i and "seeds" in run:
+            own = run["seeds"]
+            if (not isinstance(own, list) or not own or not all(isinstance(s, int) for s in own)
+                    or not set(own) <= set(seeds)):
+                raise SpecError(f"{path}: {where}'s 'seeds' must be a non-empty list of the spec's seeds "
+                                f"{seeds}, got {own!r}")
         if i:
             if not isinstance(run.get("name"), str) or not run["name"]:
                 raise SpecError(f"{path}: {where} needs a 'name'")
@@ -98,7 +107,7 @@ def run_config(spec: dict, run: dict, seed: int, out_dir: Path) -> TrainConfig:
     fields = {"data": spec.get("data"), "format": spec.get("format", "auto"),
               "split": spec.get("split", "leave-one-out")}
     fields.update(spec.get("common", {}))
-    fields.update({k: v for k, v in run.items() if k != "name"})
+    fields.update({k: v for k, v in run.items() if k not in ("name", "seeds")})
     fields.update(seed=seed, output=str(run_dir(out_dir, run["name"], seed)), resume=True, progress=False)
     return TrainConfig(**fields)
 
@@ -107,14 +116,20 @@ def run_dir(out_dir: Path, name: str, seed: int) -> Path:
     return Path(out_dir) / "runs" / slug(name) / f"seed{seed}"
 
 
+def run_seeds(spec: dict, run: dict) -> List[int]:
+    """The seeds one run trains: its own list where it has one, else the spec's."""
+    return run.get("seeds", spec["seeds"])
+
+
 def tasks(spec: dict, out_dir: Path) -> List[TrainConfig]:
-    """The (run, seed) configs still to train, seed by seed."""
+    """The (run, seed) configs still to train: those with a checkpoint first, then seed by seed."""
     todo = []
     for seed in spec["seeds"]:
         for run in spec["runs"]:
-            if not (run_dir(out_dir, run["name"], seed) / "metrics.json").is_file():
-                todo.append(run_config(spec, run, seed, out_dir))
-    return todo
+            held = run_dir(out_dir, run["name"], seed)
+            if seed in run_seeds(spec, run) and not (held / "metrics.json").is_file():
+                todo.append((not (held / "checkpoint.pt").is_file(), run_config(spec, run, seed, out_dir)))
+    return [cfg for _, cfg in sorted(todo, key=lambda t: t[0])]  # stable: seed order within each group
 
 
 def _train_one(args):
@@ -138,7 +153,8 @@ def run_study(spec: dict, out_dir: Path, workers: int = 1, threads: Optional[int
     -> the messages of the runs that failed."""
     todo = tasks(spec, out_dir)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    say(f"{len(todo)} of {len(spec['runs']) * len(spec['seeds'])} runs to train, {workers} at a time, "
+    total = sum(len(run_seeds(spec, run)) for run in spec["runs"])
+    say(f"{len(todo)} of {total} runs to train, {workers} at a time, "
         f"{threads} thread(s) each")
     jobs = [(c, threads) for c in todo]
     if workers == 1 or len(todo) <= 1:
@@ -194,7 +210,7 @@ def collect(spec: dict, out_dir: Path) -> List[dict]:
     rows = []
     for run in spec["runs"]:
         results = []
-        for seed in spec["seeds"]:
+        for seed in run_seeds(spec, run):
             path = run_dir(out_dir, run["name"], seed) / "metrics.json"
             if path.is_file():
                 results.append(json.loads(path.read_text(encoding="utf-8")))
@@ -328,6 +344,15 @@ def _ranked_items(spec: dict) -> str:
     return "all items"
 
 
+def _own_seeds(spec: dict) -> str:
+    """' (only seeds [0]: 'a', 'b')' for the runs that train fewer seeds than the spec's; '' if none."""
+    own = {}
+    for run in spec["runs"]:
+        if run_seeds(spec, run) != spec["seeds"]:
+            own.setdefault(str(run_seeds(spec, run)), []).append(repr(run["name"]))
+    return "".join(f" (only seeds {k}: {', '.join(v)})" for k, v in own.items())
+
+
 def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
     """results.md, results.csv and ndcg_vs_params.png in ``out_dir`` from the finished runs."""
     rows = collect(spec, out_dir)
@@ -339,10 +364,10 @@ def write_report(spec: dict, out_dir: Path, produced_by: str) -> List[dict]:
         "",
         produced_by,
         f"Data `{spec.get('data') or 'shipped ml-latest-small'}`, split {spec.get('split', 'leave-one-out')}, "
-        f"full ranking over {_ranked_items(spec)}, seeds {spec['seeds']}; mean ± std over the seeds finished (column "
-        "'seeds'). Compression is the parameter count of "
+        f"full ranking over {_ranked_items(spec)}, seeds {spec['seeds']}{_own_seeds(spec)}; mean ± std over the seeds "
+        "finished (column 'seeds'). Compression is the parameter count of "
         f"'{spec.get('baseline')}' divided by the run's. 's / epoch' is the median epoch's wall time, validation included. Rows with "
-        "fewer seeds than listed, or 'not run', had not finished when the table was written; the same spec "
+        "fewer seeds than their run lists, or 'not run', had not finished when the table was written; the same spec "
         "without --report-only trains only those.",
     ]
     if spec.get("notes"):
