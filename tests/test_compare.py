@@ -77,6 +77,8 @@ def test_report_only_marks_runs_not_run(tmp_path, capsys):
     ({"colour": 1}, "unknown keys"),
     ({"runs": [{"name": "a", "seeds": [2]}]}, "list of the spec's seeds"),
     ({"runs": [{"name": "a", "seeds": []}]}, "list of the spec's seeds"),
+    ({"runs": [{"name": "a", "seeds": [0, 0]}]}, "list of the spec's seeds"),
+    ({"seeds": [1, 1]}, "distinct ints"),
     ({"common": {"seeds": [0]}}, "not training options"),
 ])
 def test_bad_specs_name_the_problem(tmp_path, over, message):

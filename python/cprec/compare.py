@@ -44,6 +44,7 @@ METRICS = tuple(metric_names())
 _SPEC_KEYS = {"name", "data", "format", "split", "seeds", "baseline", "metric_k", "common", "runs", "notes"}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"output", "resume", "seed", "progress",
                                                                        "distributed", "overwrite", "progress_bars"}
+_RUN_KEYS = {"name", "seeds"}  # the keys of a run that are not training options
 
 
 class SpecError(ValueError):
@@ -53,6 +54,12 @@ class SpecError(ValueError):
 def slug(name: str) -> str:
     """A directory name for a run name: "CpRec d=128, cross-block" -> "cprec-d-128-cross-block"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+
+
+def _is_seed_list(value) -> bool:
+    """A non-empty list of distinct ints: a repeated seed would train or count one run twice."""
+    return (isinstance(value, list) and bool(value) and all(isinstance(s, int) for s in value)
+            and len(set(value)) == len(value))
 
 
 def load_spec(path) -> dict:
@@ -73,23 +80,21 @@ def load_spec(path) -> dict:
     if not isinstance(runs, list) or not runs:
         raise SpecError(f"{path}: 'runs' must be a non-empty list of configs")
     seeds = spec.setdefault("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise SpecError(f"{path}: 'seeds' must be a non-empty list of ints, got {seeds!r}")
+    if not _is_seed_list(seeds):
+        raise SpecError(f"{path}: 'seeds' must be a non-empty list of distinct ints, got {seeds!r}")
     names = set()
     for i, run in enumerate([spec.get("common", {})] + runs):
         where = "'common'" if i == 0 else f"run {i}"
         if not isinstance(run, dict):
             raise SpecError(f"{path}: {where} must be an object")
-        bad = set(run) - _CONFIG_FIELDS - ({"name", "seeds"} if i else set())
+        bad = set(run) - _CONFIG_FIELDS - (_RUN_KEYS if i else set())
         if bad:
             raise SpecError(f"{path}: {where} has keys {sorted(bad)} that are not training options")
-        if i and "seeds" in run:
-            own = run["seeds"]
-            if (not isinstance(own, list) or not own or not all(isinstance(s, int) for s in own)
-                    or not set(own) <= set(seeds)):
+        if i:
+            own = run.get("seeds", seeds)
+            if not _is_seed_list(own) or not set(own) <= set(seeds):
                 raise SpecError(f"{path}: {where}'s 'seeds' must be a non-empty list of the spec's seeds "
                                 f"{seeds}, got {own!r}")
-        if i:
             if not isinstance(run.get("name"), str) or not run["name"]:
                 raise SpecError(f"{path}: {where} needs a 'name'")
             if slug(run["name"]) in names:
@@ -107,7 +112,7 @@ def run_config(spec: dict, run: dict, seed: int, out_dir: Path) -> TrainConfig:
     fields = {"data": spec.get("data"), "format": spec.get("format", "auto"),
               "split": spec.get("split", "leave-one-out")}
     fields.update(spec.get("common", {}))
-    fields.update({k: v for k, v in run.items() if k not in ("name", "seeds")})
+    fields.update({k: v for k, v in run.items() if k not in _RUN_KEYS})
     fields.update(seed=seed, output=str(run_dir(out_dir, run["name"], seed)), resume=True, progress=False)
     return TrainConfig(**fields)
 
@@ -348,8 +353,9 @@ def _own_seeds(spec: dict) -> str:
     """' (only seeds [0]: 'a', 'b')' for the runs that train fewer seeds than the spec's; '' if none."""
     own = {}
     for run in spec["runs"]:
-        if run_seeds(spec, run) != spec["seeds"]:
-            own.setdefault(str(run_seeds(spec, run)), []).append(repr(run["name"]))
+        seeds = run_seeds(spec, run)
+        if seeds != spec["seeds"]:
+            own.setdefault(str(seeds), []).append(repr(run["name"]))
     return "".join(f" (only seeds {k}: {', '.join(v)})" for k, v in own.items())
 
 
