@@ -61,7 +61,8 @@ def test_dropout_is_off_at_evaluation_and_cnn_default_is_none():
 
 
 def test_cli_dropout_defaults_by_model(capsys):
-    for model, flags, expected in (("nextitnet", [], 0.0), ("cprec", ["--dropout", "0.1"], 0.1), ("sasrec", [], 0.2)):
+    for model, flags, expected in (("nextitnet", [], 0.2), ("cprec", [], 0.2), ("cprec", ["--dropout", "0.1"], 0.1),
+                                   ("nextitnet", ["--dropout", "0"], 0.0), ("sasrec", [], 0.2)):
         assert main(["train", "--model", model, *TINY, "--epochs", "1", *flags, "--json"]) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["model_config"]["dropout"] == expected

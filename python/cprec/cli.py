@@ -97,7 +97,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=int, default=2, help="sasrec/gru4rec: attention blocks or GRU layers (default: %(default)s)")
     g.add_argument("--num-heads", type=int, default=1, help="sasrec: attention heads (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=None, help="dropout rate; nextitnet/cprec: on the item "
-                   "embeddings and each residual branch (default: 0.2 for sasrec/gru4rec, 0 for nextitnet/cprec)")
+                   "embeddings and each residual branch (default: 0.2; 0 turns it off)")
     g.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"],
                    help="kernel backend of the ops (default: $CPREC_BACKEND or auto)")
 

@@ -338,7 +338,9 @@ def plot(spec: dict, rows: List[dict], path: Path) -> None:
     ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
     ax.set_title(f"{spec['name']}\n{metric} against model size", fontsize=9)
     ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=120)
+    # The names list is placed in figure coordinates: long run names would run off a fixed
+    # canvas, so the saved image grows to hold them.
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
