@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cprec.checkpoint import load_checkpoint, save_checkpoint
 from cprec.cli import main
 from cprec.models import ResidualStack, build_model
 from cprec.schedule import lr_factor, make_scheduler, warmup_length
@@ -66,6 +67,25 @@ def test_cli_dropout_defaults_by_model(capsys):
         assert main(["train", "--model", model, *TINY, "--epochs", "1", *flags, "--json"]) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["model_config"]["dropout"] == expected
+
+
+def test_run_recorded_without_a_dropout_rate_resumes_with_the_rate_it_trained_with(capsys, tmp_path):
+    """Runs from before the CNN default became 0.2 recorded no rate (None) and a model
+    config without dropout: they resume with --dropout 0, and without it the error names
+    the change from what they trained with."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "nextitnet", *TINY, "--epochs", "1", "--output", str(out)]
+    assert main([*args, "--dropout", "0"]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt["config"]["dropout"] = None
+    del ckpt["model_config"]["dropout"]
+    save_checkpoint(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--resume"]) == 1
+    assert "dropout: 0.0 -> 0.2" in capsys.readouterr().err
+    assert main([*args, "--epochs", "2", "--resume", "--dropout", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model_config"]["dropout"] == 0.0 and result["epochs_run"] == 2
 
 
 def test_lr_factor_shapes():

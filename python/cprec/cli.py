@@ -13,7 +13,8 @@ from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_tab
 from .sharing import SCHEMES
 from .schedule import LR_SCHEDULES
 from .train import (
-    DEFAULT_SHARING, OBJECTIVES, RESUMABLE_CHANGES, TrainConfig, evaluate_checkpoint, load_config_data, model_config, train,
+    DEFAULT_DROPOUT, DEFAULT_SHARING, OBJECTIVES, RESUMABLE_CHANGES, TrainConfig, evaluate_checkpoint, load_config_data,
+    model_config, train,
 )
 
 
@@ -96,8 +97,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "ends: each tail cluster's projection is also the input block's (transposed)")
     g.add_argument("--num-layers", type=int, default=2, help="sasrec/gru4rec: attention blocks or GRU layers (default: %(default)s)")
     g.add_argument("--num-heads", type=int, default=1, help="sasrec: attention heads (default: %(default)s)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout rate; nextitnet/cprec: on the item "
-                   "embeddings and each residual branch (default: 0.2; 0 turns it off)")
+    g.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT, help="dropout rate; nextitnet/cprec: on the "
+                   "item embeddings and each residual branch (default: %(default)s; 0 turns it off)")
     g.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"],
                    help="kernel backend of the ops (default: $CPREC_BACKEND or auto)")
 

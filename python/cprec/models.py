@@ -326,17 +326,23 @@ def model_ends(config: dict) -> Tuple[str, str]:
     return config.get("input") or default_in, config.get("output") or default_out
 
 
+def model_dropout(config: dict) -> float:
+    """A model config's dropout rate. Configs from before the CNN models had dropout carry
+    no rate, and those models trained without it; SASRec/GRU4Rec always defaulted to 0.2."""
+    return float(config.get("dropout", 0.0 if config["model"] in ("nextitnet", "cprec") else 0.2))
+
+
 def _middle(config: dict) -> nn.Module:
-    kind, d = config["model"], int(config["d"])
+    kind, d, dropout = config["model"], int(config["d"]), model_dropout(config)
     if kind in ("nextitnet", "cprec"):
         return ResidualStack(
             d, [int(x) for x in config["block_dilations"]], config["sharing"], int(config["kernel_size"]),
-            backend=config.get("backend"), dropout=float(config.get("dropout", 0.0)),
+            backend=config.get("backend"), dropout=dropout,
         )
     from .gru4rec import GRUEncoder
     from .sasrec import SASRecEncoder
 
-    layers, dropout = int(config.get("num_layers", 2)), float(config.get("dropout", 0.2))
+    layers = int(config.get("num_layers", 2))
     if kind == "sasrec":
         return SASRecEncoder(d, int(config["max_len"]), layers, int(config.get("num_heads", 1)), dropout)
     return GRUEncoder(d, layers, dropout)

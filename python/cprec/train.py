@@ -26,17 +26,18 @@ from .data import Examples, SequenceData, cutoffs_by_coverage, load_dataset
 from .metrics import MetricAccumulator, metric_names
 from .metrics import exclude_seen as metrics_exclude_seen
 from .optim import load_optimizer_state, make_adamw
-from .models import PopularityModel, Recommender, build_model, model_ends
+from .models import PopularityModel, Recommender, build_model, model_dropout, model_ends
 from .schedule import check_schedule, make_scheduler
 
 SELECT_METRIC = "NDCG@10"
 OBJECTIVES = ("every", "last")
 DEFAULT_SHARING = {"cprec": "cross-block"}
-# The CNN models' 0.2 is the converged ML-1M study's finding (docs/accuracy.md): on the embedding
-# and every residual branch it lifted test NDCG@10 by 12-14% for NextItNet d = 256 and the 8x
-# CpRec, which without it over-fit after 7-12 epochs. Configs recorded before the flag existed
-# carry no dropout key and load as 0 (models.build_model).
-DEFAULT_DROPOUT = {"sasrec": 0.2, "gru4rec": 0.2, "nextitnet": 0.2, "cprec": 0.2}
+# 0.2 for every model. For the CNN models it is the converged ML-1M study's finding
+# (docs/accuracy.md): on the embedding and every residual branch it lifted test NDCG@10 by 15%
+# (2 seeds) for NextItNet d = 256 and the 8x CpRec, which without it over-fit after 7-12 epochs.
+# Model configs recorded before the flag existed carry no dropout key and load as 0
+# (models.build_model).
+DEFAULT_DROPOUT = 0.2
 
 
 @dataclass
@@ -65,7 +66,7 @@ class TrainConfig:
     output_layer: Optional[str] = None  # full | adaptive; None: the model's default
     num_layers: int = 2  # SASRec / GRU4Rec
     num_heads: int = 1  # SASRec
-    dropout: Optional[float] = None  # None: DEFAULT_DROPOUT of the model
+    dropout: float = DEFAULT_DROPOUT
     objective: str = "every"  # every: loss at every position; last: last position of every prefix
     epochs: int = 10
     batch_size: int = 32
@@ -156,7 +157,7 @@ def model_config(cfg: TrainConfig, data: SequenceData) -> dict:
         "max_len": cfg.max_len,
         "num_layers": cfg.num_layers,
         "num_heads": cfg.num_heads,
-        "dropout": cfg.dropout if cfg.dropout is not None else DEFAULT_DROPOUT.get(cfg.model, 0.0),
+        "dropout": cfg.dropout,
         "input": cfg.input_layer,
         "output": cfg.output_layer,
         "cutoffs": None,
@@ -262,9 +263,14 @@ def _prepare_output(cfg: TrainConfig, main_process: bool) -> Optional[Path]:
 def _refuse_changes(path: Path, ckpt: dict, cfg: TrainConfig, mcfg: dict, data: SequenceData) -> None:
     """Resuming must continue the same run: same model, data and training flags
     (``RESUMABLE_CHANGES`` aside). The error names only what differs."""
-    changes = config_changes(ckpt["config"], cfg)
+    recorded, old = dict(ckpt["config"]), dict(ckpt["model_config"])
+    # Runs started when --dropout could be left unset (or before it existed) recorded no
+    # rate: the one they trained with is the one their model config builds.
+    old["dropout"] = model_dropout(old)
+    if recorded.get("dropout") is None:
+        recorded["dropout"] = old["dropout"]
+    changes = config_changes(recorded, cfg)
     if not changes:  # same flags: the model config can still differ through the data
-        old = ckpt["model_config"]
         changes = {f"model {k}": (old.get(k), mcfg.get(k)) for k in sorted(set(old) | set(mcfg))
                    if old.get(k) != mcfg.get(k)}
     old_counts, counts = ckpt["counts"], torch.as_tensor(data.counts)
