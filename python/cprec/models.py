@@ -326,15 +326,18 @@ def model_ends(config: dict) -> Tuple[str, str]:
     return config.get("input") or default_in, config.get("output") or default_out
 
 
+CNN_MODELS = ("nextitnet", "cprec")  # the dilated causal conv stacks; the others are SASRec/GRU4Rec
+
+
 def model_dropout(config: dict) -> float:
     """A model config's dropout rate. Configs from before the CNN models had dropout carry
     no rate, and those models trained without it; SASRec/GRU4Rec always defaulted to 0.2."""
-    return float(config.get("dropout", 0.0 if config["model"] in ("nextitnet", "cprec") else 0.2))
+    return float(config.get("dropout", 0.0 if config["model"] in CNN_MODELS else 0.2))
 
 
 def _middle(config: dict) -> nn.Module:
     kind, d, dropout = config["model"], int(config["d"]), model_dropout(config)
-    if kind in ("nextitnet", "cprec"):
+    if kind in CNN_MODELS:
         return ResidualStack(
             d, [int(x) for x in config["block_dilations"]], config["sharing"], int(config["kernel_size"]),
             backend=config.get("backend"), dropout=dropout,

@@ -36,7 +36,7 @@ DEFAULT_SHARING = {"cprec": "cross-block"}
 # (docs/accuracy.md): on the embedding and every residual branch it lifted test NDCG@10 by 15%
 # (2 seeds) for NextItNet d = 256 and the 8x CpRec, which without it over-fit after 7-12 epochs.
 # Model configs recorded before the flag existed carry no dropout key and load as 0
-# (models.build_model).
+# (models.model_dropout).
 DEFAULT_DROPOUT = 0.2
 
 
