@@ -9,7 +9,7 @@ from typing import List, Optional
 from . import distributed
 from .data import FORMATS, SPLITS, DataError
 from .checkpoint import CheckpointError
-from .models import INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
+from .models import CNN_MODELS, INPUTS, MODELS, OUTPUTS, block_dilations_list, parameter_table
 from .sharing import SCHEMES
 from .schedule import LR_SCHEDULES
 from .train import (
@@ -279,12 +279,12 @@ def cmd_params(args) -> dict:
     ratio = table["baseline"]["total"] / table["compressed"]["total"]
     result = {"model_config": mcfg, "params": table, "compression_ratio": ratio}
     if not args.json:
-        base = "NextItNet" if mcfg["model"] in ("cprec", "nextitnet") else mcfg["model"]
+        base = "NextItNet" if mcfg["model"] in CNN_MODELS else mcfg["model"]
         print(f"V = {mcfg['num_items']:,}, d = {mcfg['d']}, cutoffs = {mcfg['cutoffs']}, div = {mcfg['div_value']}")
         print(f"baseline: {base} with full embedding and softmax; compressed: {mcfg['model']} with "
               f"{mcfg['input'] if mcfg['model'] != 'nextitnet' else 'blockwise'} input, "
               f"{mcfg['output'] if mcfg['model'] != 'nextitnet' else 'adaptive'} output"
-              + (f", sharing {mcfg['sharing']}" if mcfg["model"] in ("cprec", "nextitnet") else ""))
+              + (f", sharing {mcfg['sharing']}" if mcfg["model"] in CNN_MODELS else ""))
         print(f"{'part':<8}{'baseline':>12}{'compressed':>12}{'ratio':>8}")
         for part in ("input", "middle", "output", "total"):
             n, c = table["baseline"][part], table["compressed"][part]
